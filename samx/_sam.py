@@ -1,0 +1,157 @@
+"""SAM and ASAM: sharpness-aware minimization as an optax transform."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from samx import _checks, _perturb
+
+
+class SAMState(NamedTuple):
+    """State of :func:`samx.sam`.
+
+    Attributes:
+      count: the number of steps taken, an int32 scalar; ``rho`` schedules are
+        evaluated at it.
+      base_state: the state of the wrapped base optimizer.
+    """
+
+    count: jax.Array
+    base_state: optax.OptState
+
+
+def sam(
+    base: optax.GradientTransformation,
+    rho: optax.ScalarOrSchedule = 0.05,
+    *,
+    adaptive: bool = False,
+    eta: float | jax.Array = 0.01,
+    mask: _perturb.Mask | None = None,
+    eps: float | jax.Array = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sharpness-aware minimization (SAM), or ASAM with ``adaptive=True``.
+
+    Each step perturbs the parameters along the normalised gradient and feeds
+    the gradient at the perturbed point to ``base``, which sees the clean
+    parameters::
+
+      g = updates                                   # the gradient at params
+      e = rho * g / (||g|| + eps)                   # global norm, in float32
+      d = grad_fn(params + e, 0)                    # same batch as g
+      updates, base_state = base.update(d, base_state, params)
+
+    ``update(updates, state, params, *, grad_fn, **extra_args)`` takes
+    ``grad_fn(params, i)`` keyword-only, with the signature of
+    ``optax.contrib.sam``'s opaque mode; it is called once per step, with
+    ``i = 0``. Extra arguments other than ``grad_fn`` are forwarded to ``base``
+    (which ignores those it does not know).
+
+    **ASAM** (``adaptive=True``) is the formula of the official ASAM code:
+    ``T = |x| + eta`` elementwise, ``e = rho * T**2 * g / (||T * g|| + eps)``,
+    with ``T`` applied to the leaves that ``mask`` selects and ``T = 1``
+    elsewhere. The default mask selects the leaves with ``ndim >= 2``: the
+    weight matrices and kernels, not the biases or normalisation scales, as in
+    the official code (which selects parameters named "weight"). Two other
+    "adaptive" formulas circulate and are *not* this one: ``T = |x|`` on every
+    leaf (``davda54/sam``), and ``e = rho * |x| * g / ||g||`` (big_vision's
+    GSAM). ASAM's ``rho`` is typically about 10x SAM's (0.5 to 2.0).
+
+    **Composition.** ``samx.sam(optax.chain(optax.clip_by_global_norm(c),
+    base))`` clips the descent gradient ``d``, which is usually what is meant.
+    ``optax.chain(optax.clip_by_global_norm(c), samx.sam(base))`` clips only
+    the ascent gradient ``g``; the normalisation then undoes the clipping, so
+    the step equals unclipped SAM. Likewise, weight decay inside ``base`` (e.g.
+    ``optax.adamw``) acts on the descent step only and is not part of the ascent
+    direction, unlike an L2 term in the loss.
+
+    Args:
+      base: the optax transform that makes the descent step, e.g.
+        ``optax.sgd(0.1, momentum=0.9)``.
+      rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
+        optax schedule of the step count. ``rho = 0`` gives exactly the
+        trajectory of ``base``.
+      adaptive: use ASAM's scale-invariant perturbation.
+      eta: ASAM's offset in ``T = |x| + eta``, ``>= 0``; used only when
+        ``adaptive``.
+      mask: which leaves ASAM scales by ``T``: a tree of bools with the
+        structure of the parameters, or a function of the parameters that
+        returns one. Only with ``adaptive=True``. With
+        ``optax.inject_hyperparams``, list a callable mask in ``static_args``.
+      eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
+        zero perturbation rather than NaN.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`. Its state is a
+      :class:`samx.SAMState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, samx
+      >>> def loss(params, batch):
+      ...     return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+      >>> batch = {"x": jnp.eye(3), "y": jnp.ones(3)}
+      >>> params = {"w": jnp.zeros(3)}
+      >>> tx = samx.sam(optax.sgd(0.1), rho=0.05)
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss)(params, batch)
+      >>> updates, state = tx.update(
+      ...     grads, state, params,
+      ...     grad_fn=lambda p, i: jax.grad(loss)(p, batch))
+      >>> params = optax.apply_updates(params, updates)
+      >>> params["w"].round(4)
+      Array([0.0679, 0.0679, 0.0679], dtype=float32)
+
+    References:
+      Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+
+      Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks
+      <https://arxiv.org/abs/2102.11600>`_, 2021
+    """
+    fn = "samx.sam"
+    base = _checks.check_base(fn, base)
+    _checks.check_scalar(fn, "rho", rho)
+    _checks.check_scalar(fn, "eta", eta, allow_schedule=False)
+    _checks.check_scalar(fn, "eps", eps, allow_schedule=False)
+    if mask is not None and not adaptive:
+        raise ValueError(
+            f"`{fn}(mask=...)` selects the leaves that ASAM scales and needs"
+            " `adaptive=True`."
+        )
+
+    def init_fn(params: optax.Params) -> SAMState:
+        return SAMState(count=jnp.zeros((), jnp.int32), base_state=base.init(params))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SAMState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SAMState]:
+        _checks.require_params(fn, params)
+        grad_fn = _checks.require_grad_fn(fn, grad_fn)
+        _checks.check_like_params(fn, "`updates`", updates, params)
+        e = _perturb.perturbation(
+            updates,
+            params,
+            _perturb.hparam_value(rho, state.count),
+            eps=eps,
+            adaptive=adaptive,
+            eta=eta,
+            mask=_perturb.resolve_mask(fn, mask, params) if adaptive else None,
+        )
+        descent = grad_fn(_perturb.add_perturbation(params, e), 0)
+        _checks.check_like_params(fn, "the result of `grad_fn`", descent, params)
+        updates, base_state = base.update(
+            descent, state.base_state, params, **extra_args
+        )
+        return updates, SAMState(
+            count=_perturb.increment(state.count), base_state=base_state
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

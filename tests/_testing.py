@@ -1,0 +1,85 @@
+"""Helpers shared by the tests: compilation counting and small problems."""
+
+import contextlib
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records):
+        super().__init__(level=logging.DEBUG)
+        self.records = records
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Yields a list that holds one entry per XLA compilation in the block."""
+    messages: list[str] = []
+    compiled: list[str] = []
+    handler = _ListHandler(messages)
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield compiled
+    finally:
+        logger.removeHandler(handler)
+        compiled.extend(m for m in messages if re.search(r"Finished .*compil", m))
+
+
+def parabola(dtype=jnp.float32):
+    """``sum((x - x*)**2)``: start, minimiser, objective (as in optax's suite)."""
+    start = jnp.array([-1.0, 10.0, 1.0], dtype)
+    target = jnp.array([1.0, -1.0, 1.0], dtype)
+
+    def objective(x):
+        return jnp.sum(jnp.square(x - target))
+
+    return start, target, objective
+
+
+def rosenbrock(dtype=jnp.float32):
+    """Rosenbrock's function with its minimum at (1, 1)."""
+    start = jnp.array([0.0, 0.0], dtype)
+    target = jnp.array([1.0, 1.0], dtype)
+
+    def objective(x):
+        return jnp.square(1.0 - x[0]) + 100.0 * jnp.square(x[1] - x[0] ** 2)
+
+    return start, target, objective
+
+
+def mlp_problem(key, sizes=(8, 16, 4), batch=32):
+    """A small MLP regression: params, a loss and a batch sampler."""
+    keys = jax.random.split(key, len(sizes))
+    params = {
+        f"layer{i}": {
+            "w": jax.random.normal(keys[i], (m, n)) / jnp.sqrt(m),
+            "b": jnp.zeros((n,)),
+        }
+        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    }
+
+    def loss(params, batch):
+        h = batch["x"]
+        for i in range(len(sizes) - 1):
+            layer = params[f"layer{i}"]
+            h = h @ layer["w"] + layer["b"]
+            if i < len(sizes) - 2:
+                h = jnp.tanh(h)
+        return jnp.mean(jnp.square(h - batch["y"]))
+
+    def sample(key):
+        kx, ky = jax.random.split(key)
+        return {
+            "x": jax.random.normal(kx, (batch, sizes[0])),
+            "y": jax.random.normal(ky, (batch, sizes[-1])),
+        }
+
+    return params, loss, sample
