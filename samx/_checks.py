@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -56,20 +57,23 @@ def check_scalar(
         raise TypeError(f"`{fn}({name}=...)` must be a number, got a callable.")
     if isinstance(value, jax.core.Tracer):
         return
-    try:
-        array = np.asarray(value)
-    except Exception as e:  # e.g. a string or an arbitrary object
-        raise TypeError(
-            f"`{fn}({name}=...)` must be a number, an array or a schedule,"
-            f" got {type(value).__name__}."
-        ) from e
-    if array.ndim != 0 or not (
-        np.issubdtype(array.dtype, np.floating)
-        or np.issubdtype(array.dtype, np.integer)
+    array = (
+        np.asarray(value)
+        if isinstance(value, (int, float, np.generic, np.ndarray, jax.Array))
+        else None
+    )
+    if array is None or not (
+        jnp.issubdtype(array.dtype, jnp.floating)
+        or jnp.issubdtype(array.dtype, jnp.integer)
     ):
         raise TypeError(
-            f"`{fn}({name}=...)` must be a real scalar, got an array of shape"
-            f" {array.shape} and dtype {array.dtype}."
+            f"`{fn}({name}=...)` must be a number, a scalar array"
+            f"{' or a schedule' if allow_schedule else ''}, got"
+            f" {type(value).__name__}."
+        )
+    if array.ndim != 0:
+        raise TypeError(
+            f"`{fn}({name}=...)` must be a scalar, got an array of shape {array.shape}."
         )
     v = float(array)
     interval = f"[{low}, {'inf' if high is None else high}]"
@@ -111,7 +115,10 @@ def check_like_params(fn: str, what: str, tree: Any, params: Any) -> None:
 
 def require_params(fn: str, params: Any) -> None:
     if params is None:
-        raise ValueError(f"{fn}: {optax.NO_PARAMS_MSG}")
+        raise ValueError(
+            f"{fn}: `update` needs the current `params` (the transform"
+            " evaluates the gradient at a perturbation of them), got None."
+        )
 
 
 def require_grad_fn(fn: str, grad_fn: Callable | None) -> Callable:

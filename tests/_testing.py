@@ -70,7 +70,7 @@ def mlp_problem(key, sizes=(8, 16, 4), batch=32):
         h = batch["x"]
         for i in range(len(sizes) - 1):
             layer = params[f"layer{i}"]
-            h = h @ layer["w"] + layer["b"]
+            h = h @ layer["w"] + layer["b"][None, :]
             if i < len(sizes) - 2:
                 h = jnp.tanh(h)
         return jnp.mean(jnp.square(h - batch["y"]))
