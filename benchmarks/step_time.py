@@ -1,0 +1,149 @@
+"""Per-step time of SGD and the sharpness-aware optimizers, as ratios to SGD.
+
+All optimizers train the same MLP on the same synthetic batches in one process.
+Each timed call runs ``--inner`` steps in one jitted ``lax.scan`` (to average
+out dispatch), the optimizers take turns call by call (interleaved, so machine
+noise hits all alike), every step function is compiled and run before the clock
+starts, and the figure is the median over ``--rounds`` calls. Ratios are the
+figure to quote; absolute times on a shared CPU are not.
+
+Usage: python benchmarks/step_time.py [--quick] [--json PATH]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from samx.examples import models
+from samx.examples.train import METHODS, base_optimizer, classification_loss, make_step
+
+DEFAULT = ("sgd", "sam", "optax_sam")
+
+
+def machine() -> dict:
+    """The machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def mlp_setup(batch: int, width: int, seed: int = 0):
+    key = jax.random.key(seed)
+    params = models.init_mlp(key, (64, width, width, 10))
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.normal(kx, (batch, 64))
+    y = jax.random.randint(ky, (batch,), 0, 10)
+    return params, {"x": x, "y": y}
+
+
+def compiled_runner(name: str, params, batch, inner: int):
+    """A compiled function that runs ``inner`` steps of ``name`` from a carry."""
+    method = METHODS[name]
+    tx = method.wrap(base_optimizer(0.05, 10_000))
+    step = make_step(method, classification_loss, tx)
+    batches = jax.tree.map(lambda x: jnp.stack([x] * inner), batch)
+
+    def run(carry):
+        carry, losses = jax.lax.scan(step, carry, batches)
+        return carry, losses[-1]
+
+    carry = (params, tx.init(params), batch)
+    return jax.jit(run).lower(carry).compile(), carry
+
+
+def measure(names, *, batch: int, width: int, inner: int, rounds: int) -> dict:
+    params, data = mlp_setup(batch, width)
+    runners = {}
+    for name in names:
+        fn, carry = compiled_runner(name, params, data, inner)
+        carry = jax.block_until_ready(fn(carry)[0])  # warm-up
+        runners[name] = [fn, carry]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            fn, carry = runners[name]
+            start = time.perf_counter()
+            carry, _ = fn(carry)
+            jax.block_until_ready(carry)
+            times[name].append((time.perf_counter() - start) / inner)
+            runners[name][1] = carry
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizers", default=",".join(DEFAULT))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--inner", type=int, default=10, help="steps per timed call")
+    p.add_argument("--rounds", type=int, default=60, help="timed calls per optimizer")
+    p.add_argument("--quick", action="store_true", help="few rounds: a smoke run")
+    p.add_argument("--json", help="write the results to this path")
+    args = p.parse_args(argv)
+    names = [n for n in args.optimizers.split(",") if n]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        p.error(f"unknown optimizers {unknown}; choose from {sorted(METHODS)}")
+    if "sgd" not in names:
+        names.insert(0, "sgd")
+    if args.quick:
+        args.rounds, args.inner, args.width = 5, 2, 64
+    medians = measure(
+        names, batch=args.batch, width=args.width, inner=args.inner, rounds=args.rounds
+    )
+    rows = [
+        {
+            "model": f"mlp-64-{args.width}-{args.width}-10",
+            "optimizer": name,
+            "median_step_s": medians[name],
+            "ratio_vs_sgd": medians[name] / medians["sgd"],
+        }
+        for name in names
+    ]
+    result = {
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "rows": rows,
+    }
+    print(
+        f"Per-step time, {rows[0]['model']}, batch {args.batch},"
+        f" median of {args.rounds} interleaved calls of {args.inner} steps"
+    )
+    print(
+        f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores,"
+        f" jax {jax.__version__}\n"
+    )
+    print("| optimizer | time/step vs SGD |")
+    print("|---|---|")
+    for row in rows:
+        print(f"| {row['optimizer']} | {row['ratio_vs_sgd']:.3f}x |")
+    if "sam" in medians and "optax_sam" in medians:
+        ratio = medians["sam"] / medians["optax_sam"]
+        print(f"\nsamx.sam / optax.contrib.sam: {ratio:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Methods, jitted train steps and a training loop shared by the CLI and benchmarks.
+
+Each :class:`Method` knows how its transform is called: which gradient is
+passed as ``updates`` and which batch ``grad_fn(p, i)`` evaluates on. A train
+step carries ``(params, opt_state, prev_batch)``: SAMPa evaluates its perturbed
+gradient on the previous step's batch (the current one at the first step).
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import samx
+from samx.examples import models
+
+Loss = Callable[[Any, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An optimizer of the comparison.
+
+    Attributes:
+      name: the key used on the command line.
+      label: a human-readable name.
+      kind: how ``update`` is called: "plain", "sam" (both gradients on the
+        current batch), "async" (the ascent gradient on the first
+        ``ascent_fraction`` of the batch) or "sampa" (``grad_fn(., 0)`` on the
+        previous batch, ``grad_fn(., 1)`` on the current one).
+      wrap: builds the transform from the base optimizer.
+      sequential_grads: gradients that must run one after the other per step.
+      ascent_fraction: the ascent batch as a fraction of the batch ("async").
+    """
+
+    name: str
+    label: str
+    kind: str
+    wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation]
+    sequential_grads: int
+    ascent_fraction: float = 1.0
+
+
+def _optax_sam(base, rho):
+    adversary = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+    return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("sgd", "SGD", "plain", lambda base: base, 1),
+        Method(
+            "optax_sam",
+            "optax.contrib.sam",
+            "sam",
+            lambda base: _optax_sam(base, 0.05),
+            2,
+        ),
+        Method("sam", "SAM", "sam", lambda base: samx.sam(base, rho=0.05), 2),
+        Method(
+            "asam",
+            "ASAM",
+            "sam",
+            lambda base: samx.sam(base, rho=0.5, adaptive=True),
+            2,
+        ),
+    ]
+}
+
+
+def base_optimizer(
+    learning_rate: float, total_steps: int, weight_decay: float = 5e-4
+) -> optax.GradientTransformation:
+    """SGD with momentum 0.9, coupled weight decay and a cosine schedule."""
+    schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(schedule, momentum=0.9),
+    )
+
+
+def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
+    """The train step ``(params, opt_state, prev_batch), batch -> carry, loss``.
+
+    Not jitted: jit it, or scan it over batches.
+    """
+    value_and_grad = jax.value_and_grad(loss)
+    grad = jax.grad(loss)
+
+    def step(carry, batch):
+        params, opt_state, prev_batch = carry
+        if method.kind == "sampa":
+            value = loss(params, batch)
+            batches = (prev_batch, batch)
+            updates, opt_state = tx.update(
+                jax.tree.map(jnp.zeros_like, params),  # not used by SAMPa
+                opt_state,
+                params,
+                grad_fn=lambda p, i: grad(p, batches[i]),
+            )
+        elif method.kind == "async":
+            size = jax.tree.leaves(batch)[0].shape[0]
+            ascent = max(1, int(size * method.ascent_fraction))
+            small = jax.tree.map(lambda x: x[:ascent], batch)
+            value = loss(params, batch)
+            updates, opt_state = tx.update(
+                grad(params, small),
+                opt_state,
+                params,
+                grad_fn=lambda p, i: grad(p, batch),
+            )
+        elif method.kind == "sam":
+            value, g = value_and_grad(params, batch)
+            updates, opt_state = tx.update(
+                g, opt_state, params, grad_fn=lambda p, i: grad(p, batch)
+            )
+        elif method.kind == "plain":
+            value, g = value_and_grad(params, batch)
+            updates, opt_state = tx.update(g, opt_state, params)
+        else:
+            raise ValueError(f"unknown method kind {method.kind!r}")
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, batch), value
+
+    return step
+
+
+def classification_loss(params, batch):
+    """Cross-entropy of the MLP on ``batch = {"x": ..., "y": ...}``."""
+    return models.cross_entropy(models.mlp(params, batch["x"]), batch["y"])
+
+
+def accuracy(params, x, y) -> jax.Array:
+    return jnp.mean(jnp.argmax(models.mlp(params, x), axis=-1) == y)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one training run measured.
+
+    Attributes:
+      method: the method's name.
+      seed: the seed.
+      test_accuracy: the final test accuracy.
+      train_seconds: wall time of the training steps (compilation excluded).
+      steps: the number of steps.
+      curve: (seconds, test accuracy) after each epoch.
+    """
+
+    method: str
+    seed: int
+    test_accuracy: float
+    train_seconds: float
+    steps: int
+    curve: list[tuple[float, float]]
+
+
+def train_classifier(
+    method: Method,
+    data,
+    *,
+    seed: int,
+    epochs: int,
+    batch_size: int = 64,
+    hidden: tuple[int, ...] = (128, 128),
+    learning_rate: float = 0.05,
+    on_epoch: Callable[[], None] | None = None,
+) -> RunResult:
+    """Trains the MLP on ``data`` (a :class:`samx.examples.data.Dataset`).
+
+    Every method sees the same initialisation and batch order for a seed. An
+    epoch is one jitted ``lax.scan`` over its batches; it is compiled before
+    the clock starts.
+    """
+    n = data.x_train.shape[0]
+    steps_per_epoch = n // batch_size
+    key = jax.random.key(seed)
+    params = models.init_mlp(key, (data.x_train.shape[1], *hidden, 10))
+    tx = method.wrap(base_optimizer(learning_rate, epochs * steps_per_epoch))
+    step = make_step(method, classification_loss, tx)
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+    def epoch(carry, order):
+        idx = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, -1)
+        batches = {"x": x_train[idx], "y": y_train[idx]}
+        return jax.lax.scan(step, carry, batches)
+
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(n) for _ in range(epochs)]
+    first = {"x": x_train[orders[0][:batch_size]], "y": y_train[orders[0][:batch_size]]}
+    carry = (params, tx.init(params), first)
+    run_epoch = jax.jit(epoch).lower(carry, orders[0]).compile()
+    evaluate = jax.jit(accuracy).lower(params, x_test, y_test).compile()
+
+    seconds, curve = 0.0, []
+    for order in orders:
+        start = time.perf_counter()
+        carry, _ = run_epoch(carry, order)
+        jax.block_until_ready(carry)
+        seconds += time.perf_counter() - start
+        curve.append((seconds, float(evaluate(carry[0], x_test, y_test))))
+        if on_epoch is not None:
+            on_epoch()
+    return RunResult(
+        method=method.name,
+        seed=seed,
+        test_accuracy=curve[-1][1],
+        train_seconds=seconds,
+        steps=epochs * steps_per_epoch,
+        curve=curve,
+    )

@@ -1,0 +1,27 @@
+"""The README's commands and code run as written."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language):
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_python_blocks_run(capsys):
+    blocks = _blocks("python")
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
+    commands = [b.strip() for b in _blocks("bash")]
+    main_job, tests = commands[0], commands[1]
+    assert main_job.endswith("-m samx.examples.compare")
+    assert tests.endswith("-m pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci, "`.ci/run` must run exactly the README's test command"
