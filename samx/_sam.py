@@ -101,7 +101,7 @@ def sam(
       ...     grad_fn=lambda p, i: jax.grad(loss)(p, batch))
       >>> params = optax.apply_updates(params, updates)
       >>> params["w"].round(4)
-      Array([0.0679, 0.0679, 0.0679], dtype=float32)
+      Array([0.0686, 0.0686, 0.0686], dtype=float32)
 
     References:
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
