@@ -7,8 +7,13 @@ demand.
 
 import importlib.metadata as _metadata
 
+from samx import diagnostics as diagnostics
+from samx._async_sam import AsyncSAMState as AsyncSAMState
+from samx._async_sam import async_sam as async_sam
 from samx._sam import SAMState as SAMState
 from samx._sam import sam as sam
+from samx._sampa import SAMPaState as SAMPaState
+from samx._sampa import sampa as sampa
 
 try:
     __version__ = _metadata.version("samx")
@@ -16,6 +21,11 @@ except _metadata.PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = (
+    "AsyncSAMState",
+    "SAMPaState",
     "SAMState",
+    "async_sam",
+    "diagnostics",
     "sam",
+    "sampa",
 )

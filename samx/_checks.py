@@ -48,8 +48,8 @@ def check_scalar(
     """Checks a scalar hyperparameter: finite and in ``[low, high]``.
 
     Schedules (callables of the step count) are accepted when
-    ``allow_schedule`` and checked when they are evaluated, not here; traced
-    values are not checked.
+    ``allow_schedule``; their values are traced when evaluated, so they are not
+    checked, and neither are traced values.
     """
     if callable(value):
         if allow_schedule:
@@ -83,7 +83,29 @@ def check_scalar(
         )
 
 
-def check_like_params(fn: str, what: str, tree: Any, params: Any) -> None:
+def check_perturbation_args(
+    fn: str,
+    *,
+    rho: Any,
+    eps: Any,
+    adaptive: bool = False,
+    eta: Any = 0.01,
+    mask: Any = None,
+) -> None:
+    """Checks the arguments shared by the transforms that perturb the params."""
+    check_scalar(fn, "rho", rho)
+    check_scalar(fn, "eta", eta, allow_schedule=False)
+    check_scalar(fn, "eps", eps, allow_schedule=False)
+    if mask is not None and not adaptive:
+        raise ValueError(
+            f"`{fn}(mask=...)` selects the leaves that ASAM scales and needs"
+            " `adaptive=True`."
+        )
+
+
+def check_like_params(
+    fn: str, what: str, tree: Any, params: Any, ref: str = "`params`"
+) -> None:
     """Checks that ``tree`` has the tree structure and leaf shapes of ``params``.
 
     Runs at trace time on static information only, so it costs nothing in a
@@ -102,14 +124,14 @@ def check_like_params(fn: str, what: str, tree: Any, params: Any) -> None:
         else:  # same paths, different node types (e.g. a tuple for a list)
             got, want = str(tree_def), str(param_def)
         raise ValueError(
-            f"{fn}: {what} does not have the tree structure of `params`: its"
-            f" leaf {got} stands where `params` has {want}."
+            f"{fn}: {what} does not have the tree structure of {ref}: its"
+            f" leaf {got} stands where {ref} has {want}."
         )
     for (path, leaf), (_, param) in zip(tree_leaves, param_leaves, strict=True):
         if np.shape(leaf) != np.shape(param):
             raise ValueError(
                 f"{fn}: {what} leaf {jax.tree_util.keystr(path)} has shape"
-                f" {np.shape(leaf)}, but `params` has shape {np.shape(param)}."
+                f" {np.shape(leaf)}, but {ref} has shape {np.shape(param)}."
             )
 
 

@@ -103,6 +103,31 @@ def add_perturbation(params: Any, e: Any) -> Any:
     )
 
 
+def perturbed_params(
+    fn: str,
+    params: Any,
+    direction: Any,
+    rho: Any,
+    count: jax.Array,
+    *,
+    eps: float | jax.Array,
+    adaptive: bool = False,
+    eta: float | jax.Array = 0.01,
+    mask: Mask | None = None,
+) -> Any:
+    """``params + e(direction)``, with ``rho`` evaluated at ``count``."""
+    e = perturbation(
+        direction,
+        params,
+        hparam_value(rho, count),
+        eps=eps,
+        adaptive=adaptive,
+        eta=eta,
+        mask=resolve_mask(fn, mask, params) if adaptive else None,
+    )
+    return add_perturbation(params, e)
+
+
 def increment(count: jax.Array) -> jax.Array:
     """``count + 1``, saturating at the int32 maximum."""
     return optax.safe_increment(count)

@@ -113,14 +113,9 @@ def sam(
     """
     fn = "samx.sam"
     base = _checks.check_base(fn, base)
-    _checks.check_scalar(fn, "rho", rho)
-    _checks.check_scalar(fn, "eta", eta, allow_schedule=False)
-    _checks.check_scalar(fn, "eps", eps, allow_schedule=False)
-    if mask is not None and not adaptive:
-        raise ValueError(
-            f"`{fn}(mask=...)` selects the leaves that ASAM scales and needs"
-            " `adaptive=True`."
-        )
+    _checks.check_perturbation_args(
+        fn, rho=rho, eps=eps, adaptive=adaptive, eta=eta, mask=mask
+    )
 
     def init_fn(params: optax.Params) -> SAMState:
         return SAMState(count=jnp.zeros((), jnp.int32), base_state=base.init(params))
@@ -136,16 +131,18 @@ def sam(
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)
         _checks.check_like_params(fn, "`updates`", updates, params)
-        e = _perturb.perturbation(
-            updates,
+        perturbed = _perturb.perturbed_params(
+            fn,
             params,
-            _perturb.hparam_value(rho, state.count),
+            updates,
+            rho,
+            state.count,
             eps=eps,
             adaptive=adaptive,
             eta=eta,
-            mask=_perturb.resolve_mask(fn, mask, params) if adaptive else None,
+            mask=mask,
         )
-        descent = grad_fn(_perturb.add_perturbation(params, e), 0)
+        descent = grad_fn(perturbed, 0)
         _checks.check_like_params(fn, "the result of `grad_fn`", descent, params)
         updates, base_state = base.update(
             descent, state.base_state, params, **extra_args

@@ -51,6 +51,10 @@ CASES = [
         },
         static_args=("mask",),
     ),
+    Case("async_sam", samx.async_sam, {"rho": 0.05}),
+    Case("async_asam", samx.async_sam, {"rho": 0.5, "adaptive": True}),
+    Case("sampa", samx.sampa, {"rho": 0.1, "lam": 0.2}),
+    Case("sampa-0", samx.sampa, {"rho": 0.1, "lam": 0.0}),
 ]
 IDS = [c.name for c in CASES]
 

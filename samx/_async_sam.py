@@ -1,0 +1,165 @@
+"""AsyncSAM: SAM with a one-step-stale ascent gradient, as an optax transform."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from samx import _checks, _perturb
+
+
+class AsyncSAMState(NamedTuple):
+    """State of :func:`samx.async_sam`.
+
+    Attributes:
+      count: the number of steps taken, an int32 scalar; ``rho`` schedules are
+        evaluated at it.
+      base_state: the state of the wrapped base optimizer.
+      ascent_grad: the ascent gradient of the previous step, ``a_{t-1}``, a
+        tree like the parameters with their dtypes; zeros before the first
+        step.
+    """
+
+    count: jax.Array
+    base_state: optax.OptState
+    ascent_grad: optax.Updates
+
+
+def async_sam(
+    base: optax.GradientTransformation,
+    rho: optax.ScalarOrSchedule = 0.05,
+    *,
+    adaptive: bool = False,
+    eta: float | jax.Array = 0.01,
+    mask: _perturb.Mask | None = None,
+    eps: float | jax.Array = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Asynchronous SAM: perturb along the previous step's ascent gradient.
+
+    SAM's two gradients are sequential: the descent gradient is evaluated at a
+    point that needs the ascent gradient of the same step. AsyncSAM perturbs
+    along the ascent gradient of the *previous* step instead (staleness
+    ``tau = 1``, as the paper fixes it), so the two gradients of a step are
+    independent and can run at the same time, on different devices::
+
+      a = updates                                   # ascent gradient at params
+      e = rho * a_prev / (||a_prev|| + eps)         # global norm, in float32
+      d = grad_fn(params + e, 0)                    # does not depend on a
+      updates, base_state = base.update(d, base_state, params)
+      a_prev = a                                    # stored for the next step
+
+    Before the first step ``a_prev`` is zero, so ``e = 0`` and the first step
+    is a plain step of ``base``.
+
+    ``updates`` is the ascent gradient ``a`` at ``params``. It may be computed
+    on a smaller batch than the descent gradient: the paper picks the ascent
+    batch size ``b'`` "in a system-aware manner", ``b' = b * t_fast / t_slow``
+    (the per-example gradient times on the fast and the slow device), so that
+    the ascent on the slow device hides behind the descent on the fast one.
+    ``grad_fn(params, 0)`` returns the descent gradient, on the full batch.
+
+    ``update(updates, state, params, *, grad_fn, **extra_args)`` takes
+    ``grad_fn(params, i)`` keyword-only, with the signature of
+    ``optax.contrib.sam``'s opaque mode; it is called once per step, with
+    ``i = 0``. Extra arguments other than ``grad_fn`` are forwarded to ``base``
+    (which ignores those it does not know). The stored ascent gradient is cast
+    to each parameter's dtype.
+
+    **ASAM** (``adaptive=True``) scales the perturbation as
+    :func:`samx.sam` does, ``T = |x| + eta`` with ``x`` the current
+    parameters, applied to the leaves that ``mask`` selects.
+
+    Args:
+      base: the optax transform that makes the descent step, e.g.
+        ``optax.sgd(0.1, momentum=0.9)``.
+      rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
+        optax schedule of the step count. ``rho = 0`` gives exactly the
+        trajectory of ``base``.
+      adaptive: use ASAM's scale-invariant perturbation.
+      eta: ASAM's offset in ``T = |x| + eta``, ``>= 0``; used only when
+        ``adaptive``.
+      mask: which leaves ASAM scales by ``T``: a tree of bools with the
+        structure of the parameters, or a function of the parameters that
+        returns one. Only with ``adaptive=True``. With
+        ``optax.inject_hyperparams``, list a callable mask in ``static_args``.
+      eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
+        zero perturbation rather than NaN.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`. Its state is a
+      :class:`samx.AsyncSAMState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, samx
+      >>> def loss(params, batch):
+      ...     return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+      >>> batch = {"x": jnp.eye(4), "y": jnp.ones(4)}
+      >>> small = {"x": batch["x"][:2], "y": batch["y"][:2]}  # the ascent batch
+      >>> params = {"w": jnp.zeros(4)}
+      >>> tx = samx.async_sam(optax.sgd(0.1), rho=0.05)
+      >>> state = tx.init(params)
+      >>> for _ in range(2):
+      ...     grads = jax.grad(loss)(params, small)
+      ...     updates, state = tx.update(
+      ...         grads, state, params,
+      ...         grad_fn=lambda p, i: jax.grad(loss)(p, batch))
+      ...     params = optax.apply_updates(params, updates)
+      >>> params["w"].round(4)
+      Array([0.0993, 0.0993, 0.0975, 0.0975], dtype=float32)
+
+    References:
+      Jo, Lim, Lee, `Asynchronous Sharpness-Aware Minimization For Fast and
+      Accurate Deep Learning <https://arxiv.org/abs/2503.11147>`_, 2025
+    """
+    fn = "samx.async_sam"
+    base = _checks.check_base(fn, base)
+    _checks.check_perturbation_args(
+        fn, rho=rho, eps=eps, adaptive=adaptive, eta=eta, mask=mask
+    )
+
+    def init_fn(params: optax.Params) -> AsyncSAMState:
+        return AsyncSAMState(
+            count=jnp.zeros((), jnp.int32),
+            base_state=base.init(params),
+            ascent_grad=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: AsyncSAMState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, AsyncSAMState]:
+        _checks.require_params(fn, params)
+        grad_fn = _checks.require_grad_fn(fn, grad_fn)
+        _checks.check_like_params(fn, "`updates`", updates, params)
+        perturbed = _perturb.perturbed_params(
+            fn,
+            params,
+            state.ascent_grad,
+            rho,
+            state.count,
+            eps=eps,
+            adaptive=adaptive,
+            eta=eta,
+            mask=mask,
+        )
+        descent = grad_fn(perturbed, 0)
+        _checks.check_like_params(fn, "the result of `grad_fn`", descent, params)
+        ascent_grad = jax.tree.map(
+            lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)), updates, params
+        )
+        updates, base_state = base.update(
+            descent, state.base_state, params, **extra_args
+        )
+        return updates, AsyncSAMState(
+            count=_perturb.increment(state.count),
+            base_state=base_state,
+            ascent_grad=ascent_grad,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
