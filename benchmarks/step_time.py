@@ -7,6 +7,12 @@ noise hits all alike), every step function is compiled and run before the clock
 starts, and the figure is the median over ``--rounds`` calls. Ratios are the
 figure to quote; absolute times on a shared CPU are not.
 
+The row ``sgd+grad(b/4)`` is a reference, not an optimizer: SGD plus one
+extra gradient on a quarter of the batch, the least AsyncSAM (b' = b/4) can
+cost on one device. On a CPU a gradient on b/4 examples costs more than a
+quarter of one on b (fixed per-step work does not shrink with the batch), so
+the paper's ideal 1.25x needs a batch large enough for the cost to scale.
+
 Usage: python benchmarks/step_time.py [--quick] [--json PATH]
 """
 
@@ -19,11 +25,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from samx.examples import models
 from samx.examples.train import METHODS, base_optimizer, classification_loss, make_step
 
-DEFAULT = ("sgd", "sam", "optax_sam")
+DEFAULT = ("sgd", "optax_sam", "sam", "async_sam", "sampa")
 
 
 def machine() -> dict:
@@ -55,16 +62,37 @@ def mlp_setup(batch: int, width: int, seed: int = 0):
     return params, {"x": x, "y": y}
 
 
+FLOOR = "sgd+grad(b/4)"
+
+
+def _floor_step(tx):
+    """SGD plus an unused-but-kept gradient on the first quarter of the batch."""
+    grad = jax.grad(classification_loss)
+
+    def step(carry, batch):
+        params, opt_state, _ = carry
+        quarter = jax.tree.map(lambda x: x[: max(1, x.shape[0] // 4)], batch)
+        updates, opt_state = tx.update(grad(params, batch), opt_state, params)
+        extra = grad(params, quarter)
+        return (optax.apply_updates(params, updates), opt_state, batch), extra
+
+    return step
+
+
 def compiled_runner(name: str, params, batch, inner: int):
     """A compiled function that runs ``inner`` steps of ``name`` from a carry."""
-    method = METHODS[name]
-    tx = method.wrap(base_optimizer(0.05, 10_000))
-    step = make_step(method, classification_loss, tx)
+    if name == FLOOR:
+        tx = base_optimizer(0.05, 10_000)
+        step = _floor_step(tx)
+    else:
+        method = METHODS[name]
+        tx = method.wrap(base_optimizer(0.05, 10_000))
+        step = make_step(method, classification_loss, tx)
     batches = jax.tree.map(lambda x: jnp.stack([x] * inner), batch)
 
     def run(carry):
-        carry, losses = jax.lax.scan(step, carry, batches)
-        return carry, losses[-1]
+        carry, extra = jax.lax.scan(step, carry, batches)
+        return carry, extra
 
     carry = (params, tx.init(params), batch)
     return jax.jit(run).lower(carry).compile(), carry
@@ -75,24 +103,30 @@ def measure(names, *, batch: int, width: int, inner: int, rounds: int) -> dict:
     runners = {}
     for name in names:
         fn, carry = compiled_runner(name, params, data, inner)
-        carry = jax.block_until_ready(fn(carry)[0])  # warm-up
+        carry = jax.block_until_ready(fn(carry))[0]  # warm-up
         runners[name] = [fn, carry]
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
             fn, carry = runners[name]
             start = time.perf_counter()
-            carry, _ = fn(carry)
-            jax.block_until_ready(carry)
+            carry = jax.block_until_ready(fn(carry))[0]
             times[name].append((time.perf_counter() - start) / inner)
             runners[name][1] = carry
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _sizes(text: str) -> list[int]:
+    sizes = [int(v) for v in text.split(",") if v.strip()]
+    if not sizes or min(sizes) < 4:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 4, got {text!r}")
+    return sizes
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizers", default=",".join(DEFAULT))
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=_sizes, default=[128, 512], help="e.g. 128,512")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--inner", type=int, default=10, help="steps per timed call")
     p.add_argument("--rounds", type=int, default=60, help="timed calls per optimizer")
@@ -105,40 +139,46 @@ def main(argv=None) -> dict:
         p.error(f"unknown optimizers {unknown}; choose from {sorted(METHODS)}")
     if "sgd" not in names:
         names.insert(0, "sgd")
+    if "async_sam" in names:
+        names.append(FLOOR)
     if args.quick:
         args.rounds, args.inner, args.width = 5, 2, 64
-    medians = measure(
-        names, batch=args.batch, width=args.width, inner=args.inner, rounds=args.rounds
+    info = machine()
+    print(
+        f"Per-step time, median of {args.rounds} interleaved calls of"
+        f" {args.inner} steps; {info['cpu']}, {info['cores']} cores,"
+        f" jax {jax.__version__}\n"
     )
-    rows = [
-        {
-            "model": f"mlp-64-{args.width}-{args.width}-10",
-            "optimizer": name,
-            "median_step_s": medians[name],
-            "ratio_vs_sgd": medians[name] / medians["sgd"],
-        }
-        for name in names
-    ]
+    rows = []
+    for batch in args.batch:
+        medians = measure(
+            names, batch=batch, width=args.width, inner=args.inner, rounds=args.rounds
+        )
+        model = f"mlp-64-{args.width}-{args.width}-10"
+        rows += [
+            {
+                "model": model,
+                "batch": batch,
+                "optimizer": name,
+                "median_step_s": medians[name],
+                "ratio_vs_sgd": medians[name] / medians["sgd"],
+            }
+            for name in names
+        ]
+        print(f"{model}, batch {batch}:\n")
+        print("| optimizer | time/step vs SGD |")
+        print("|---|---|")
+        for name in names:
+            print(f"| {name} | {medians[name] / medians['sgd']:.3f}x |")
+        if "sam" in medians and "optax_sam" in medians:
+            ratio = medians["sam"] / medians["optax_sam"]
+            print(f"\nsamx.sam / optax.contrib.sam: {ratio:.3f}")
+        print()
     result = {
-        "machine": machine(),
+        "machine": info,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "rows": rows,
     }
-    print(
-        f"Per-step time, {rows[0]['model']}, batch {args.batch},"
-        f" median of {args.rounds} interleaved calls of {args.inner} steps"
-    )
-    print(
-        f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores,"
-        f" jax {jax.__version__}\n"
-    )
-    print("| optimizer | time/step vs SGD |")
-    print("|---|---|")
-    for row in rows:
-        print(f"| {row['optimizer']} | {row['ratio_vs_sgd']:.3f}x |")
-    if "sam" in medians and "optax_sam" in medians:
-        ratio = medians["sam"] / medians["optax_sam"]
-        print(f"\nsamx.sam / optax.contrib.sam: {ratio:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,9 +1,10 @@
 """Compare SGD and the sharpness-aware optimizers on noisy digits.
 
-Trains the same MLP with each optimizer on scikit-learn's bundled digits data
-(no download) whose training labels carry symmetric noise, with the same
-initialisation and batch order per seed, and prints the test accuracy and the
-training wall time per optimizer. Run ``python -m samx.examples.compare
+Trains the same MLP with each optimizer (SGD, optax.contrib.sam, SAM, ASAM,
+AsyncSAM with an ascent batch of b/4, SAMPa-0 and SAMPa-0.2) on scikit-learn's
+bundled digits data (no download) whose training labels carry symmetric noise,
+with the same initialisation and batch order per seed, and prints the test
+accuracy and the training wall time per optimizer. Run ``python -m samx.examples.compare
 --help`` (or ``samx-compare --help``) for the options.
 """
 
@@ -13,7 +14,7 @@ import sys
 
 from samx.examples.train import METHODS
 
-DEFAULT_METHODS = ("sgd", "sam")
+DEFAULT_METHODS = tuple(METHODS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +115,11 @@ def table(results: dict[str, list], noise: float) -> str:
             f"| {method.label} | {statistics.mean(accs):.4f} | {std:.4f}"
             f" | {wall:.2f} | {ratio} | {method.sequential_grads} |"
         )
+    lines += [
+        "",
+        "Time per step is measured with every gradient on one device;"
+        " 'sequential grads' is the cost given a device per independent gradient.",
+    ]
     return "\n".join(lines)
 
 

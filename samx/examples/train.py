@@ -34,7 +34,9 @@ class Method:
         ``ascent_fraction`` of the batch) or "sampa" (``grad_fn(., 0)`` on the
         previous batch, ``grad_fn(., 1)`` on the current one).
       wrap: builds the transform from the base optimizer.
-      sequential_grads: gradients that must run one after the other per step.
+      sequential_grads: gradients that must run one after the other per step,
+        given a device for each gradient (AsyncSAM's and SAMPa's two
+        gradients are independent; on one device they still take turns).
       ascent_fraction: the ascent batch as a fraction of the batch ("async").
     """
 
@@ -44,6 +46,16 @@ class Method:
     wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation]
     sequential_grads: int
     ascent_fraction: float = 1.0
+
+
+# Radii for the main job (MLP on digits, lr 0.01, 60 epochs, 40% label noise),
+# picked by a sweep over 3 seeds: SAM rho in {0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0}
+# gave 0.80 to 0.91 test accuracy up to 0.6 and collapsed at 1.0; 0.3 stays well
+# inside the stable range, and AsyncSAM and SAMPa use it too. ASAM rho in
+# {1, 2}: 2.
+SAM_RHO = 0.3
+ASAM_RHO = 2.0
+SAMPA_LAM = 0.2
 
 
 def _optax_sam(base, rho):
@@ -59,16 +71,38 @@ METHODS: dict[str, Method] = {
             "optax_sam",
             "optax.contrib.sam",
             "sam",
-            lambda base: _optax_sam(base, 0.05),
+            lambda base: _optax_sam(base, SAM_RHO),
             2,
         ),
-        Method("sam", "SAM", "sam", lambda base: samx.sam(base, rho=0.05), 2),
+        Method("sam", "SAM", "sam", lambda base: samx.sam(base, rho=SAM_RHO), 2),
         Method(
             "asam",
             "ASAM",
             "sam",
-            lambda base: samx.sam(base, rho=0.5, adaptive=True),
+            lambda base: samx.sam(base, rho=ASAM_RHO, adaptive=True),
             2,
+        ),
+        Method(
+            "async_sam",
+            "AsyncSAM (b/4)",
+            "async",
+            lambda base: samx.async_sam(base, rho=SAM_RHO),
+            1,
+            ascent_fraction=0.25,
+        ),
+        Method(
+            "sampa0",
+            "SAMPa-0",
+            "sampa",
+            lambda base: samx.sampa(base, rho=SAM_RHO, lam=0.0),
+            1,
+        ),
+        Method(
+            "sampa",
+            f"SAMPa-{SAMPA_LAM}",
+            "sampa",
+            lambda base: samx.sampa(base, rho=SAM_RHO, lam=SAMPA_LAM),
+            1,
         ),
     ]
 }
@@ -86,47 +120,47 @@ def base_optimizer(
 
 
 def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
-    """The train step ``(params, opt_state, prev_batch), batch -> carry, loss``.
+    """The train step ``(params, opt_state, prev_batch), batch -> (carry, None)``.
 
-    Not jitted: jit it, or scan it over batches.
+    It computes exactly the gradients the method needs and nothing more (no
+    extra forward pass for a loss value), so that step times compare the
+    methods' own costs. Not jitted: jit it, or scan it over batches.
     """
-    value_and_grad = jax.value_and_grad(loss)
     grad = jax.grad(loss)
 
     def step(carry, batch):
         params, opt_state, prev_batch = carry
-        if method.kind == "sampa":
-            value = loss(params, batch)
-            batches = (prev_batch, batch)
+        if method.kind == "plain":
+            updates, opt_state = tx.update(grad(params, batch), opt_state, params)
+        elif method.kind == "sam":
             updates, opt_state = tx.update(
-                jax.tree.map(jnp.zeros_like, params),  # not used by SAMPa
+                grad(params, batch),
                 opt_state,
                 params,
-                grad_fn=lambda p, i: grad(p, batches[i]),
+                grad_fn=lambda p, i: grad(p, batch),
             )
         elif method.kind == "async":
             size = jax.tree.leaves(batch)[0].shape[0]
             ascent = max(1, int(size * method.ascent_fraction))
             small = jax.tree.map(lambda x: x[:ascent], batch)
-            value = loss(params, batch)
             updates, opt_state = tx.update(
-                grad(params, small),
+                grad(params, small),  # the ascent gradient, on b' examples
                 opt_state,
                 params,
                 grad_fn=lambda p, i: grad(p, batch),
             )
-        elif method.kind == "sam":
-            value, g = value_and_grad(params, batch)
+        elif method.kind == "sampa":
+            batches = (prev_batch, batch)
             updates, opt_state = tx.update(
-                g, opt_state, params, grad_fn=lambda p, i: grad(p, batch)
+                None,  # not used by SAMPa: both gradients come from grad_fn
+                opt_state,
+                params,
+                grad_fn=lambda p, i: grad(p, batches[i]),
             )
-        elif method.kind == "plain":
-            value, g = value_and_grad(params, batch)
-            updates, opt_state = tx.update(g, opt_state, params)
         else:
             raise ValueError(f"unknown method kind {method.kind!r}")
         params = optax.apply_updates(params, updates)
-        return (params, opt_state, batch), value
+        return (params, opt_state, batch), None
 
     return step
 
@@ -169,7 +203,7 @@ def train_classifier(
     epochs: int,
     batch_size: int = 64,
     hidden: tuple[int, ...] = (128, 128),
-    learning_rate: float = 0.05,
+    learning_rate: float = 0.01,
     on_epoch: Callable[[], None] | None = None,
 ) -> RunResult:
     """Trains the MLP on ``data`` (a :class:`samx.examples.data.Dataset`).
