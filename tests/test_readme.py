@@ -14,8 +14,9 @@ def _blocks(language):
 def test_readme_python_blocks_run(capsys):
     blocks = _blocks("python")
     assert blocks
+    namespace = {"__name__": "readme"}  # one after the other, as a reader runs them
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+        exec(compile(code, "README.md", "exec"), namespace)
 
 
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
