@@ -1,0 +1,174 @@
+"""The Trainer's per-step overhead over the pure transform's single-jit step.
+
+Both loops take the same NumPy batches, put them on the device each step (as a
+real input pipeline does) and dispatch one step per call; the pure loop is the
+transform in one ``jax.jit`` on cpu:0 with the Trainer's batch semantics. The
+optimizers and loops take turns (interleaved), every function is compiled and
+run before the clock starts, and each figure is the median over ``--rounds``
+timings of ``--inner`` steps. Quoted as ratios: Trainer / pure.
+
+"one device": the Trainer with every gradient on cpu:0 (SAMPa: both gradients
+in one jit, the CPU default; "vmap": in one vmap-ed call). "two devices": the
+ascent (AsyncSAM) or second gradient (SAMPa) on cpu:1. On a CPU-only machine
+the two devices share the same cores, so two devices cannot be faster than
+one there; the split is measured to show what the machinery costs.
+
+Usage: python benchmarks/runtime_overhead.py [--quick] [--json PATH]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 2)
+
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from step_time import machine  # noqa: E402
+
+import samx  # noqa: E402
+from samx.examples import models  # noqa: E402
+from samx.examples.train import classification_loss  # noqa: E402
+from samx.runtime import Trainer  # noqa: E402
+
+TRANSFORMS = {
+    "sgd": lambda: optax.sgd(0.05, momentum=0.9),
+    "sam": lambda: samx.sam(optax.sgd(0.05, momentum=0.9), rho=0.05),
+    "async_sam": lambda: samx.async_sam(optax.sgd(0.05, momentum=0.9), rho=0.05),
+    "sampa": lambda: samx.sampa(optax.sgd(0.05, momentum=0.9), rho=0.1, lam=0.2),
+}
+
+
+def pure_step(name, tx, ascent):
+    grad = jax.grad(classification_loss)
+
+    def step(params, state, prev, batch):
+        if name == "async_sam":
+            small = jax.tree.map(lambda x: x[:ascent], batch)
+            g, fn = grad(params, small), lambda p, i: grad(p, batch)
+        elif name == "sampa":
+            pair = (prev, batch)
+            g, fn = None, lambda p, i: grad(p, pair[i])
+        else:
+            g, fn = grad(params, batch), lambda p, i: grad(p, batch)
+        updates, state = tx.update(g, state, params, grad_fn=fn)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+class PureLoop:
+    def __init__(self, name, params, ascent, device):
+        self.tx = optax.with_extra_args_support(TRANSFORMS[name]())
+        self.step_fn = pure_step(name, self.tx, ascent)
+        self.device = device
+        self.params = jax.device_put(params, device)
+        self.state = jax.device_put(self.tx.init(self.params), device)
+        self.prev = None
+
+    def step(self, batch):
+        batch = jax.device_put(batch, self.device)
+        prev = batch if self.prev is None else self.prev
+        self.params, self.state = self.step_fn(self.params, self.state, prev, batch)
+        self.prev = batch
+        return self.params
+
+
+class TrainerLoop:
+    def __init__(self, name, params, ascent, devices, **kwargs):
+        self.trainer = Trainer(
+            TRANSFORMS[name](),
+            classification_loss,
+            descent_device=devices[0],
+            ascent_device=devices[1],
+            ascent_batch_size=ascent if name == "async_sam" else None,
+            **kwargs,
+        )
+        self.state = self.trainer.init(params)
+
+    def step(self, batch):
+        self.state, _ = self.trainer.step(self.state, batch)
+        return self.state.params
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--inner", type=int, default=10, help="steps per timing")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.inner, args.width = 5, 3, 64
+    cpu0, cpu1 = jax.devices("cpu")[:2]
+    params = models.init_mlp(jax.random.key(0), (64, args.width, args.width, 10))
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "x": rng.normal(size=(args.batch, 64)).astype(np.float32),
+            "y": rng.integers(0, 10, args.batch).astype(np.int32),
+        }
+        for _ in range(args.inner)
+    ]
+    ascent = args.batch // 4
+    loops = {}
+    for name in TRANSFORMS:
+        loops[(name, "pure")] = PureLoop(name, params, ascent, cpu0)
+        loops[(name, "trainer, one device")] = TrainerLoop(
+            name, params, ascent, (cpu0, cpu0)
+        )
+        if name == "sampa":
+            loops[(name, "trainer, one device, vmap")] = TrainerLoop(
+                name, params, ascent, (cpu0, cpu0), sampa_vmap=True
+            )
+        if name in ("async_sam", "sampa"):
+            loops[(name, "trainer, two devices")] = TrainerLoop(
+                name, params, ascent, (cpu0, cpu1)
+            )
+    for loop in loops.values():  # compile every piece, then warm up
+        for batch in batches[:3]:
+            jax.block_until_ready(loop.step(batch))
+    times = {key: [] for key in loops}
+    for _ in range(args.rounds):
+        for key, loop in loops.items():
+            start = time.perf_counter()
+            for batch in batches:
+                out = loop.step(batch)
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - start) / args.inner)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    rows = []
+    for (name, loop), value in medians.items():
+        rows.append(
+            {
+                "optimizer": name,
+                "loop": loop,
+                "median_step_s": value,
+                "ratio_vs_pure": value / medians[(name, "pure")],
+            }
+        )
+    info = machine()
+    print(
+        f"Trainer / pure single-jit step, mlp-64-{args.width}-{args.width}-10,"
+        f" batch {args.batch} (AsyncSAM ascent {ascent}); median of {args.rounds}"
+        f" interleaved timings of {args.inner} steps; {info['cpu']},"
+        f" {info['cores']} cores, jax {jax.__version__}\n"
+    )
+    print("| optimizer | loop | time/step vs pure |")
+    print("|---|---|---|")
+    for row in rows:
+        print(f"| {row['optimizer']} | {row['loop']} | {row['ratio_vs_pure']:.3f}x |")
+    result = {"machine": info, "settings": vars(args), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The two-device runtime: samx's two gradients placed on two devices.
+
+Imports the pure transforms, never the other way round: ``import samx`` does
+not load this module.
+"""
+
+from samx.runtime._calibrate import AscentBatchCalibration as AscentBatchCalibration
+from samx.runtime._calibrate import calibrate_ascent_batch as calibrate_ascent_batch
+from samx.runtime._trainer import Trainer as Trainer
+from samx.runtime._trainer import TrainerState as TrainerState
+from samx.runtime._trainer import method_of as method_of
+
+__all__ = (
+    "AscentBatchCalibration",
+    "Trainer",
+    "TrainerState",
+    "calibrate_ascent_batch",
+    "method_of",
+)

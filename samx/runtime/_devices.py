@@ -1,0 +1,45 @@
+"""Resolving the devices the runtime places its computations on."""
+
+from typing import Any
+
+import jax
+
+
+def available() -> list[str]:
+    """Every device JAX can see, as ``platform:index`` strings."""
+    names = []
+    for backend in ("cpu", "gpu", "tpu"):
+        try:
+            names += [f"{d.platform}:{i}" for i, d in enumerate(jax.devices(backend))]
+        except RuntimeError:  # the backend is not present
+            pass
+    return names
+
+
+def resolve(arg: str, device: Any) -> jax.Device:
+    """A ``jax.Device`` from a device, ``"cpu"``, ``"gpu:1"`` and the like.
+
+    Raises:
+      ValueError: naming ``arg`` and listing the available devices.
+    """
+    if isinstance(device, jax.Device):
+        return device
+    if isinstance(device, str):
+        platform, _, index = device.partition(":")
+        try:
+            devices = jax.devices(platform)
+            return devices[int(index) if index else 0]
+        except (RuntimeError, ValueError, IndexError):
+            pass
+    raise ValueError(
+        f"`{arg}={device!r}` is not a device here; available:"
+        f" {', '.join(available())} (or a `jax.Device`)."
+    )
+
+
+def second_accelerator() -> jax.Device | None:
+    """The default backend's second device, if it is an accelerator."""
+    devices = jax.devices()
+    if len(devices) > 1 and devices[1].platform != "cpu":
+        return devices[1]
+    return None

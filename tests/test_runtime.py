@@ -1,0 +1,330 @@
+"""samx.runtime.Trainer: same trajectory as the pure transform, placed, async."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _testing import count_compilations, mlp_problem
+
+import samx
+from samx.runtime import Trainer, calibrate_ascent_batch, method_of
+
+CPU0, CPU1 = jax.devices("cpu")[:2]
+ASCENT = 8  # AsyncSAM's ascent batch, of a batch of 32
+
+
+def _devices(tree):
+    return {d for x in jax.tree.leaves(tree) for d in x.devices()}
+
+
+def _numpy_batches(sample, n, seed=1):
+    return [
+        jax.tree.map(np.asarray, sample(k))
+        for k in jax.random.split(jax.random.key(seed), n)
+    ]
+
+
+def _pure_trajectory(tx, method, params, loss, batches):
+    """The pure transform in one jit, with the Trainer's pinned batch semantics."""
+    grad = jax.grad(loss)
+
+    @jax.jit
+    def step(params, state, prev, batch):
+        if method == "async_sam":
+            small = jax.tree.map(lambda x: x[:ASCENT], batch)
+            updates, state = tx.update(
+                grad(params, small), state, params, grad_fn=lambda p, i: grad(p, batch)
+            )
+        elif method == "sampa":
+            pair = (prev, batch)
+            updates, state = tx.update(
+                None, state, params, grad_fn=lambda p, i: grad(p, pair[i])
+            )
+        else:
+            updates, state = tx.update(
+                grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
+            )
+        return optax.apply_updates(params, updates), state
+
+    state, prev, out = tx.init(params), batches[0], []
+    for batch in batches:
+        params, state = step(params, state, prev, batch)
+        prev = batch
+        out.append(params)
+    return out
+
+
+TRANSFORMS = {
+    "sam": lambda: samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05),
+    "async_sam": lambda: samx.async_sam(optax.sgd(0.1, momentum=0.9), rho=0.05),
+    "sampa-0": lambda: samx.sampa(optax.sgd(0.1, momentum=0.9), rho=0.1, lam=0.0),
+    "sampa-0.2": lambda: samx.sampa(optax.adam(1e-2), rho=0.1, lam=0.2),
+    "plain": lambda: optax.adam(1e-2),
+}
+
+
+PLACEMENTS = [
+    pytest.param(name, two, vmap, id=f"{name}-{where}")
+    for name in sorted(TRANSFORMS)
+    for two, vmap, where in [
+        (True, None, "cpu0+cpu1"),
+        (False, False, "cpu0"),
+        (False, True, "cpu0-vmap"),
+    ]
+    if not vmap or name.startswith("sampa")
+]
+
+
+@pytest.mark.parametrize("name, two_devices, vmap", PLACEMENTS)
+def test_trajectory_equals_the_pure_transform(name, two_devices, vmap):
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=32)
+    batches = _numpy_batches(sample, 12)
+    tx = TRANSFORMS[name]()
+    method = method_of(tx.init(params))
+    trainer = Trainer(
+        tx,
+        loss,
+        descent_device=CPU0,
+        ascent_device=CPU1 if two_devices else CPU0,
+        ascent_batch_size=ASCENT if method == "async_sam" else None,
+        sampa_vmap=vmap,
+    )
+    state = trainer.init(params)
+    expected = _pure_trajectory(TRANSFORMS[name](), method, params, loss, batches)
+    with jax.transfer_guard("disallow"):
+        for t, batch in enumerate(batches):
+            state, metrics = trainer.step(state, batch)
+            assert _devices(state.params) == {CPU0}
+            assert metrics["grad_norm"].devices() == {CPU0}
+            if method in ("async_sam", "sampa"):
+                where = CPU1 if two_devices else CPU0
+                assert metrics["ascent_grad_norm"].devices() == {where}
+            for x, y in zip(
+                jax.tree.leaves(state.params), jax.tree.leaves(expected[t]), strict=True
+            ):
+                np.testing.assert_allclose(
+                    x, y, rtol=1e-5, atol=1e-5, err_msg=f"step {t}"
+                )
+    assert int(state.step) == len(batches)
+
+
+@pytest.mark.parametrize("name", ["async_sam", "sampa-0.2", "sam"])
+def test_no_recompilation_after_the_first_step(name):
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=32)
+    batches = _numpy_batches(sample, 5)
+    tx = TRANSFORMS[name]()
+    trainer = Trainer(
+        tx,
+        loss,
+        descent_device=CPU0,
+        ascent_device=CPU1,
+        ascent_batch_size=ASCENT if name == "async_sam" else None,
+    )
+    state, _ = trainer.step(trainer.init(params), batches[0])
+    with count_compilations() as compiled:
+        for batch in batches[1:]:
+            state, _ = trainer.step(state, batch)
+        jax.block_until_ready(state)
+    assert compiled == []
+
+
+def _big_problem():
+    """An MLP whose step takes long enough to tell dispatch from completion."""
+    params, loss, sample = mlp_problem(
+        jax.random.key(0), sizes=(256, 1024, 1024, 1024, 10), batch=512
+    )
+    return params, loss, _numpy_batches(sample, 4)
+
+
+@pytest.mark.parametrize("name", ["async_sam", "sampa-0.2"])
+def test_a_step_returns_before_its_computation_finishes(name):
+    params, loss, batches = _big_problem()
+    trainer = Trainer(
+        TRANSFORMS[name](),
+        loss,
+        descent_device=CPU0,
+        ascent_device=CPU1,
+        ascent_batch_size=128 if name == "async_sam" else None,
+    )
+    state = trainer.init(params)
+    for batch in batches[:2]:  # compile every piece
+        state, _ = trainer.step(state, batch)
+    jax.block_until_ready(state)
+    ratios = []
+    for batch in batches[2:]:
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        dispatched = time.perf_counter() - start
+        jax.block_until_ready((state, metrics))
+        ratios.append(dispatched / (time.perf_counter() - start))
+    assert min(ratios) < 0.3, f"dispatch / completion: {ratios}"
+
+
+def test_model_state_comes_from_the_descent_pass_only():
+    # The "model state" records the first parameter at which the pass ran.
+    params = jnp.array([1.0, -2.0])
+    batch = {"x": np.ones((4, 2), np.float32)}
+
+    def loss_fn(p, model_state, batch):
+        loss = jnp.mean(jnp.square(batch["x"] @ p))
+        return loss, {"seen": p[0] + 0.0 * model_state["seen"]}
+
+    for name, two in [("sam", False), ("async_sam", True), ("sampa-0.2", True)]:
+        seen = []
+
+        def grad_fn_for(batch, seen=seen):
+            def grad_fn(p, i):
+                if i == 0:
+                    seen.append(p[0])
+                return jax.grad(lambda q: loss_fn(q, {"seen": 0.0}, batch)[0])(p)
+
+            return grad_fn
+
+        tx = TRANSFORMS[name]()
+        trainer = Trainer(
+            tx,
+            loss_fn,
+            has_state=True,
+            descent_device=CPU0,
+            ascent_device=CPU1 if two else CPU0,
+            ascent_batch_size=2 if name == "async_sam" else None,
+        )
+        state = trainer.init(params, {"seen": jnp.zeros(())})
+        pure, pure_state = params, tx.init(params)
+        for _ in range(3):
+            state, _ = trainer.step(state, batch)
+            g = jax.grad(lambda q: loss_fn(q, {"seen": 0.0}, batch)[0])(pure)
+            updates, pure_state = tx.update(
+                g, pure_state, pure, grad_fn=grad_fn_for(batch)
+            )
+            pure = optax.apply_updates(pure, updates)
+            np.testing.assert_allclose(state.model_state["seen"], seen[-1], rtol=1e-6)
+        assert not np.isclose(seen[-1], pure[0])  # the descent point is perturbed
+
+
+def test_defaults_place_everything_on_the_default_device_without_a_gpu():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batch = _numpy_batches(sample, 1)[0]
+    for name in ("async_sam", "sampa-0.2"):
+        trainer = Trainer(TRANSFORMS[name](), loss)
+        assert trainer.descent_device == jax.devices()[0]
+        state, metrics = trainer.step(trainer.init(params), batch)
+        assert _devices(state.params) == {jax.devices()[0]}
+        assert metrics["ascent_grad_norm"].devices() == {jax.devices()[0]}
+
+
+def test_method_is_found_through_chains_and_injected_hyperparameters():
+    params = jnp.zeros(3)
+    wrapped = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.inject_hyperparams(samx.async_sam)(optax.sgd(0.1), rho=0.05),
+    )
+    assert method_of(wrapped.init(params)) == "async_sam"
+    assert method_of(optax.sgd(0.1).init(params)) == "plain"
+    both = optax.chain(samx.sam(optax.sgd(0.1)), samx.sampa(optax.sgd(0.1)))
+    with pytest.raises(ValueError, match="one sharpness-aware transform"):
+        method_of(both.init(params))
+
+
+def test_state_is_a_pytree_that_round_trips():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batches = _numpy_batches(sample, 4)
+    trainer = Trainer(TRANSFORMS["sampa-0.2"](), loss)
+    state = trainer.init(params)
+    for batch in batches[:2]:
+        state, _ = trainer.step(state, batch)
+    leaves, treedef = jax.tree.flatten(state)
+    restored = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+    restored = jax.device_put(restored, trainer.descent_device)
+    a, _ = trainer.step(state, batches[2])
+    b, _ = trainer.step(restored, batches[2])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+# --- calibration ---------------------------------------------------------------
+
+
+def test_calibration_picks_a_power_of_two_within_the_batch():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=64)
+    batch = _numpy_batches(sample, 1)[0]
+    c = calibrate_ascent_batch(
+        loss, params, batch, fast_device=CPU0, slow_device=CPU1, repeats=3
+    )
+    assert c.batch_size == 64
+    assert 1 <= c.ascent_batch_size <= 64
+    assert c.ascent_batch_size & (c.ascent_batch_size - 1) == 0
+    assert c.fast_seconds_per_example > 0 and c.slow_seconds_per_example > 0
+    expected = 64 * c.fast_seconds_per_example / c.slow_seconds_per_example
+    assert c.ascent_batch_size <= max(1, expected) < 2 * c.ascent_batch_size or (
+        c.ascent_batch_size == 64 and expected >= 64
+    )
+    assert (c.fast_device, c.slow_device) == (CPU0, CPU1)
+
+
+def test_calibration_bad_input():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=8)
+    batch = _numpy_batches(sample, 1)[0]
+    with pytest.raises(ValueError, match="repeats"):
+        calibrate_ascent_batch(loss, params, batch, repeats=0)
+    with pytest.raises(ValueError, match=r"slow_device='tpu:3'.*available: cpu:0"):
+        calibrate_ascent_batch(loss, params, batch, slow_device="tpu:3")
+    with pytest.raises(TypeError, match="loss_fn"):
+        calibrate_ascent_batch("loss", params, batch)
+
+
+# --- bad input -----------------------------------------------------------------
+
+
+def test_a_device_that_does_not_exist_lists_the_available_ones():
+    tx = TRANSFORMS["async_sam"]()
+    with pytest.raises(ValueError, match=r"descent_device='gpu'.*cpu:0, cpu:1"):
+        Trainer(tx, lambda p, b: 0.0, descent_device="gpu")
+    with pytest.raises(ValueError, match=r"ascent_device='cpu:9'"):
+        Trainer(tx, lambda p, b: 0.0, ascent_device="cpu:9")
+    assert Trainer(tx, lambda p, b: 0.0, ascent_device="cpu:1")._ascent_arg == CPU1
+
+
+def test_bad_ascent_batch_size():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batch = _numpy_batches(sample, 1)[0]
+    with pytest.raises(ValueError, match="ascent_batch_size"):
+        Trainer(TRANSFORMS["async_sam"](), loss, ascent_batch_size=0)
+    trainer = Trainer(
+        TRANSFORMS["async_sam"](), loss, ascent_batch_size=32, ascent_device=CPU1
+    )
+    with pytest.raises(
+        ValueError, match=r"ascent_batch_size=32.*larger than the batch"
+    ):
+        trainer.step(trainer.init(params), batch)
+    with pytest.raises(ValueError, match="AsyncSAM's ascent batch"):
+        Trainer(TRANSFORMS["sam"](), loss, ascent_batch_size=4).init(params)
+
+
+def test_batch_leaves_with_different_leading_sizes():
+    params, loss, _ = mlp_problem(jax.random.key(0), batch=16)
+    trainer = Trainer(TRANSFORMS["sam"](), loss)
+    bad = {"x": np.zeros((16, 8), np.float32), "y": np.zeros((15, 4), np.float32)}
+    with pytest.raises(
+        ValueError, match=r"different leading.*\['x'\]: 16.*\['y'\]: 15"
+    ):
+        trainer.step(trainer.init(params), bad)
+
+
+def test_loss_must_be_a_scalar_and_callable():
+    params = jnp.zeros(3)
+    batch = {"x": np.ones((4, 3), np.float32)}
+    trainer = Trainer(TRANSFORMS["sam"](), lambda p, b: b["x"] @ p)
+    with pytest.raises(ValueError, match=r"scalar loss.*shape \(4,\)"):
+        trainer.step(trainer.init(params), batch)
+    with pytest.raises(TypeError, match="loss_fn"):
+        Trainer(TRANSFORMS["sam"](), "mse")
+    with pytest.raises(TypeError, match="optax transform"):
+        Trainer(optax.sgd, lambda p, b: 0.0)
+    with pytest.raises(ValueError, match="model_state"):
+        Trainer(TRANSFORMS["sam"](), lambda p, s, b: (0.0, s), has_state=True).init(
+            params
+        )
