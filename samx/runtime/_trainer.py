@@ -300,21 +300,25 @@ class Trainer:
             self._compiled[name] = jax.jit(fn)
         return self._compiled[name]
 
+    def _recorder(self, model_state, batches, captured):
+        """A ``grad_fn`` that records each call's (loss, model state, grads)."""
+
+        def grad_fn(p, i):
+            captured[i] = self._value_and_grad(p, model_state, batches[i])
+            return captured[i][2]
+
+        return grad_fn
+
     def _single_step(self, state, batch):
         """SAM and plain transforms: the whole step on the descent device."""
         captured = {}
-
-        def grad_fn(p, i):
-            loss, ms, g = self._value_and_grad(p, state.model_state, batch)
-            captured.update(loss=loss, ms=ms, g=g)
-            return g
-
+        grad_fn = self._recorder(state.model_state, (batch,), captured)
         loss, ms, grads = self._value_and_grad(state.params, state.model_state, batch)
         updates, opt_state = self.tx.update(
             grads, state.opt_state, state.params, grad_fn=grad_fn
         )
         if captured:  # SAM: the descent pass is the one at the perturbed point
-            loss, ms, grads = captured["loss"], captured["ms"], captured["g"]
+            loss, ms, grads = captured[0]
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": f32_global_norm(grads)}
         return state._replace(
@@ -356,15 +360,11 @@ class Trainer:
     def _async_descent(self, state, batch):
         """AsyncSAM's descent gradient; the point depends on the state only."""
         captured = {}
-
-        def grad_fn(p, i):
-            loss, ms, g = self._value_and_grad(p, state.model_state, batch)
-            captured.update(loss=loss, ms=ms, g=g)
-            return g
-
+        grad_fn = self._recorder(state.model_state, (batch,), captured)
         zeros = jax.tree.map(jnp.zeros_like, state.params)  # a_t is not needed here
         self.tx.update(zeros, state.opt_state, state.params, grad_fn=grad_fn)
-        return captured["g"], captured["loss"], captured["ms"]
+        loss, ms, grads = captured[0]
+        return grads, loss, ms
 
     def _async_fused(self, state, batch):
         """AsyncSAM on one device: the pure step in one jit."""
@@ -434,14 +434,7 @@ class Trainer:
     def _sampa_fused(self, state, prev, batch):
         """SAMPa on one device: the pure step, both gradients in one jit."""
         captured = {}
-
-        def grad_fn(p, i):
-            loss, ms, g = self._value_and_grad(
-                p, state.model_state, prev if i == 0 else batch
-            )
-            captured[i] = (loss, ms, g)
-            return g
-
+        grad_fn = self._recorder(state.model_state, (prev, batch), captured)
         updates, opt_state = self.tx.update(
             None, state.opt_state, state.params, grad_fn=grad_fn
         )
