@@ -1,10 +1,12 @@
 """Per-step time of SGD and the sharpness-aware optimizers, as ratios to SGD.
 
-All optimizers train the same MLP on the same synthetic batches in one process.
-Each timed call runs ``--inner`` steps in one jitted ``lax.scan`` (to average
-out dispatch), the optimizers take turns call by call (interleaved, so machine
-noise hits all alike), every step function is compiled and run before the clock
-starts, and the figure is the median over ``--rounds`` calls. Ratios are the
+All optimizers train the same model on the same synthetic batches in one
+process: an MLP (64-512-512-10) and a ResNet-20-size CNN (32x32x3 inputs). Each
+timed call runs 10 MLP steps (to average out dispatch) or 1 CNN step in one
+jitted ``lax.scan``, the optimizers take turns call by call (interleaved, so
+machine noise hits all alike), every step function is compiled and run before
+the clock starts, and the figure is the median over ``--rounds`` calls.
+``sampa_fused`` is SAMPa with both gradients in one ``vmap``-ed call. Ratios are the
 figure to quote; absolute times on a shared CPU are not.
 
 The row ``sgd+grad(b/4)`` is a reference, not an optimizer: SGD plus one
@@ -28,9 +30,16 @@ import jax.numpy as jnp
 import optax
 
 from samx.examples import models
-from samx.examples.train import METHODS, base_optimizer, classification_loss, make_step
+from samx.examples.train import (
+    METHODS,
+    VARIANTS,
+    base_optimizer,
+    classification_loss,
+    make_step,
+)
 
-DEFAULT = ("sgd", "optax_sam", "sam", "async_sam", "sampa")
+ALL = {**METHODS, **VARIANTS}
+DEFAULT = ("sgd", "optax_sam", "sam", "async_sam", "sampa", "sampa_fused")
 
 
 def machine() -> dict:
@@ -53,21 +62,31 @@ def machine() -> dict:
     }
 
 
-def mlp_setup(batch: int, width: int, seed: int = 0):
-    key = jax.random.key(seed)
-    params = models.init_mlp(key, (64, width, width, 10))
+def problem(model: str, batch: int, width: int, seed: int = 0):
+    """``(params, batch, loss)`` for "mlp" (64 features) or "resnet20" (32x32x3)."""
     kx, ky = jax.random.split(jax.random.key(seed + 1))
-    x = jax.random.normal(kx, (batch, 64))
-    y = jax.random.randint(ky, (batch,), 0, 10)
-    return params, {"x": x, "y": y}
+    labels = jax.random.randint(ky, (batch,), 0, 10)
+    if model == "mlp":
+        params = models.init_mlp(jax.random.key(seed), (64, width, width, 10))
+        x = jax.random.normal(kx, (batch, 64))
+        return params, {"x": x, "y": labels}, classification_loss
+    if model == "resnet20":
+        params = models.init_resnet20(jax.random.key(seed))
+        x = jax.random.normal(kx, (batch, 32, 32, 3))
+
+        def loss(params, batch):
+            return classification_loss(params, batch, apply=models.resnet20)
+
+        return params, {"x": x, "y": labels}, loss
+    raise ValueError(f"unknown model {model!r}")
 
 
 FLOOR = "sgd+grad(b/4)"
 
 
-def _floor_step(tx):
+def _floor_step(tx, loss):
     """SGD plus an unused-but-kept gradient on the first quarter of the batch."""
-    grad = jax.grad(classification_loss)
+    grad = jax.grad(loss)
 
     def step(carry, batch):
         params, opt_state, _ = carry
@@ -79,15 +98,15 @@ def _floor_step(tx):
     return step
 
 
-def compiled_runner(name: str, params, batch, inner: int):
+def compiled_runner(name: str, params, batch, loss, inner: int):
     """A compiled function that runs ``inner`` steps of ``name`` from a carry."""
     if name == FLOOR:
         tx = base_optimizer(0.05, 10_000)
-        step = _floor_step(tx)
+        step = _floor_step(tx, loss)
     else:
-        method = METHODS[name]
+        method = ALL[name]
         tx = method.wrap(base_optimizer(0.05, 10_000))
-        step = make_step(method, classification_loss, tx)
+        step = make_step(method, loss, tx)
     batches = jax.tree.map(lambda x: jnp.stack([x] * inner), batch)
 
     def run(carry):
@@ -98,11 +117,13 @@ def compiled_runner(name: str, params, batch, inner: int):
     return jax.jit(run).lower(carry).compile(), carry
 
 
-def measure(names, *, batch: int, width: int, inner: int, rounds: int) -> dict:
-    params, data = mlp_setup(batch, width)
+def measure(
+    names, *, model: str, batch: int, width: int, inner: int, rounds: int
+) -> dict:
+    params, data, loss = problem(model, batch, width)
     runners = {}
     for name in names:
-        fn, carry = compiled_runner(name, params, data, inner)
+        fn, carry = compiled_runner(name, params, data, loss, inner)
         carry = jax.block_until_ready(fn(carry))[0]  # warm-up
         runners[name] = [fn, carry]
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -126,54 +147,66 @@ def _sizes(text: str) -> list[int]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizers", default=",".join(DEFAULT))
-    p.add_argument("--batch", type=_sizes, default=[128, 512], help="e.g. 128,512")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--inner", type=int, default=10, help="steps per timed call")
-    p.add_argument("--rounds", type=int, default=60, help="timed calls per optimizer")
+    p.add_argument("--models", default="mlp,resnet20", help="mlp and/or resnet20")
+    p.add_argument("--mlp-batch", type=_sizes, default=[128, 512], help="e.g. 128,512")
+    p.add_argument("--cnn-batch", type=_sizes, default=[128])
+    p.add_argument("--width", type=int, default=512, help="the MLP's hidden width")
+    p.add_argument("--rounds", type=int, default=40, help="timed calls per optimizer")
     p.add_argument("--quick", action="store_true", help="few rounds: a smoke run")
     p.add_argument("--json", help="write the results to this path")
     args = p.parse_args(argv)
     names = [n for n in args.optimizers.split(",") if n]
-    unknown = sorted(set(names) - set(METHODS))
+    unknown = sorted(set(names) - set(ALL))
     if unknown:
-        p.error(f"unknown optimizers {unknown}; choose from {sorted(METHODS)}")
+        p.error(f"unknown optimizers {unknown}; choose from {sorted(ALL)}")
+    model_names = [m for m in args.models.split(",") if m]
+    if not model_names or set(model_names) - {"mlp", "resnet20"}:
+        p.error(f"--models: choose from mlp, resnet20; got {args.models!r}")
     if "sgd" not in names:
         names.insert(0, "sgd")
     if "async_sam" in names:
         names.append(FLOOR)
     if args.quick:
-        args.rounds, args.inner, args.width = 5, 2, 64
+        args.rounds, args.width, args.mlp_batch, args.cnn_batch = 3, 64, [32], [8]
     info = machine()
     print(
-        f"Per-step time, median of {args.rounds} interleaved calls of"
-        f" {args.inner} steps; {info['cpu']}, {info['cores']} cores,"
+        f"Per-step time relative to SGD, medians of {args.rounds} interleaved"
+        f" timed calls after compilation; {info['cpu']}, {info['cores']} cores,"
         f" jax {jax.__version__}\n"
     )
     rows = []
-    for batch in args.batch:
-        medians = measure(
-            names, batch=batch, width=args.width, inner=args.inner, rounds=args.rounds
-        )
-        model = f"mlp-64-{args.width}-{args.width}-10"
-        rows += [
-            {
-                "model": model,
-                "batch": batch,
-                "optimizer": name,
-                "median_step_s": medians[name],
-                "ratio_vs_sgd": medians[name] / medians["sgd"],
-            }
-            for name in names
-        ]
-        print(f"{model}, batch {batch}:\n")
-        print("| optimizer | time/step vs SGD |")
-        print("|---|---|")
-        for name in names:
-            print(f"| {name} | {medians[name] / medians['sgd']:.3f}x |")
-        if "sam" in medians and "optax_sam" in medians:
-            ratio = medians["sam"] / medians["optax_sam"]
-            print(f"\nsamx.sam / optax.contrib.sam: {ratio:.3f}")
-        print()
+    for model in model_names:
+        # The MLP runs 10 steps per timed call to average out dispatch.
+        inner = 10 if model == "mlp" else 1
+        for batch in args.mlp_batch if model == "mlp" else args.cnn_batch:
+            medians = measure(
+                names,
+                model=model,
+                batch=batch,
+                width=args.width,
+                inner=inner,
+                rounds=args.rounds,
+            )
+            label = f"mlp-64-{args.width}-{args.width}-10" if model == "mlp" else model
+            rows += [
+                {
+                    "model": label,
+                    "batch": batch,
+                    "optimizer": name,
+                    "median_step_s": medians[name],
+                    "ratio_vs_sgd": medians[name] / medians["sgd"],
+                }
+                for name in names
+            ]
+            print(f"{label}, batch {batch}, {inner} step(s) per timed call:\n")
+            print("| optimizer | time/step vs SGD |")
+            print("|---|---|")
+            for name in names:
+                print(f"| {name} | {medians[name] / medians['sgd']:.3f}x |")
+            if "sam" in medians and "optax_sam" in medians:
+                ratio = medians["sam"] / medians["optax_sam"]
+                print(f"\nsamx.sam / optax.contrib.sam: {ratio:.3f}")
+            print()
     result = {
         "machine": info,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},

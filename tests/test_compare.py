@@ -1,5 +1,6 @@
 """The main job's command line: a tiny run and clear messages for bad options."""
 
+import json
 import subprocess
 import sys
 
@@ -9,11 +10,19 @@ from samx.examples import compare
 from samx.examples.data import load_digits, symmetric_noise
 
 
-def test_tiny_run_prints_a_table(capsys):
-    assert compare.main(["--quick", "--epochs", "2", "--no-progress"]) == 0
+def test_tiny_run_prints_a_table_and_writes_results_and_plots(capsys, tmp_path):
+    argv = ["--quick", "--epochs", "2", "--no-progress", "--out", str(tmp_path)]
+    assert compare.main(argv + ["--optimizers", "sgd,sam,async_sam,sampa"]) == 0
     out = capsys.readouterr().out
-    assert "| SGD |" in out and "| SAM |" in out
+    for label in ("SGD", "SAM", "AsyncSAM (b/4)", "SAMPa-0.2"):
+        assert f"| {label} |" in out
     assert "40% symmetric label noise" in out
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert set(record["runs"]) == {"sgd", "sam", "async_sam", "sampa"}
+    run = record["runs"]["sam"][0]
+    assert len(run["curve"]) == 2 and 0.0 <= run["test_accuracy"] <= 1.0
+    for name in ("accuracy_vs_time.png", "final_accuracy.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,10 @@ accuracy and the training wall time per optimizer. Run ``python -m samx.examples
 """
 
 import argparse
+import dataclasses
+import json
+import os
+import platform
 import statistics
 import sys
 
@@ -21,17 +25,31 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="samx-compare",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--optimizers",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, from: {', '.join(METHODS)}",
+        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per optimizer")
-    p.add_argument("--noise", type=float, default=0.4, help="label noise in [0, 1]")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs")
-    p.add_argument("--quick", action="store_true", help="1 seed, 5 epochs: a smoke run")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per optimizer (default 3)"
+    )
+    p.add_argument(
+        "--noise", type=float, default=0.4, help="label noise in [0, 1] (default 0.4)"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default 60)"
+    )
+    p.add_argument(
+        "--out",
+        default="samx-results",
+        help="folder for results.json and plots (default samx-results)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 seed and 5 epochs unless given",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -48,8 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             f" choose from {', '.join(METHODS)}"
         )
     args.optimizers = list(dict.fromkeys(names))
-    if args.quick:
-        args.seeds, args.epochs = 1, 5
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    if args.epochs is None:
+        args.epochs = 5 if args.quick else 60
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.epochs < 1:
@@ -123,10 +143,48 @@ def table(results: dict[str, list], noise: float) -> str:
     return "\n".join(lines)
 
 
+def save(results: dict, args: argparse.Namespace, text: str) -> list[str]:
+    """Writes results.json, table.md and two PNG plots into ``args.out``."""
+    import jax
+
+    from samx.examples import plots
+
+    os.makedirs(args.out, exist_ok=True)
+    record = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "devices": [str(d) for d in jax.devices()],
+            "jax": jax.__version__,
+        },
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("no_progress", "out")
+        },
+        "runs": {
+            name: [dataclasses.asdict(r) for r in runs]
+            for name, runs in results.items()
+        },
+    }
+    paths = [os.path.join(args.out, f) for f in ("results.json", "table.md")]
+    with open(paths[0], "w") as f:
+        json.dump(record, f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(text + "\n")
+    title = f"digits, {args.noise:.0%} label noise, {args.seeds} seed(s)"
+    paths.append(os.path.join(args.out, "accuracy_vs_time.png"))
+    plots.accuracy_vs_time(results, paths[-1], title)
+    paths.append(os.path.join(args.out, "final_accuracy.png"))
+    plots.final_accuracy(results, paths[-1], title)
+    return paths
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = run(args)
-    print(table(results, args.noise))
+    text = table(results, args.noise)
+    print(text)
+    for path in save(results, args, text):
+        print(f"wrote {path}")
     return 0
 
 

@@ -31,8 +31,9 @@ class Method:
       label: a human-readable name.
       kind: how ``update`` is called: "plain", "sam" (both gradients on the
         current batch), "async" (the ascent gradient on the first
-        ``ascent_fraction`` of the batch) or "sampa" (``grad_fn(., 0)`` on the
-        previous batch, ``grad_fn(., 1)`` on the current one).
+        ``ascent_fraction`` of the batch), "sampa" (``grad_fn(., 0)`` on the
+        previous batch, ``grad_fn(., 1)`` on the current one) or "sampa_vmap"
+        (the same, both gradients in one ``vmap``-ed call).
       wrap: builds the transform from the base optimizer.
       sequential_grads: gradients that must run one after the other per step,
         given a device for each gradient (AsyncSAM's and SAMPa's two
@@ -107,6 +108,17 @@ METHODS: dict[str, Method] = {
     ]
 }
 
+# Not in the main job's comparison (same trajectory as "sampa"): a benchmark row.
+VARIANTS: dict[str, Method] = {
+    "sampa_fused": Method(
+        "sampa_fused",
+        f"SAMPa-{SAMPA_LAM} (vmap)",
+        "sampa_vmap",
+        lambda base: samx.sampa(base, rho=SAM_RHO, lam=SAMPA_LAM),
+        1,
+    ),
+}
+
 
 def base_optimizer(
     learning_rate: float, total_steps: int, weight_decay: float = 5e-4
@@ -149,6 +161,19 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
                 params,
                 grad_fn=lambda p, i: grad(p, batch),
             )
+        elif method.kind == "sampa_vmap":
+            from samx.runtime import grad_fn_points
+
+            points = grad_fn_points(tx, None, opt_state, params)
+            stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), points[0], points[1])
+            pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), prev_batch, batch)
+            grads = jax.vmap(grad)(stacked, pair)  # both gradients in one call
+            updates, opt_state = tx.update(
+                None,
+                opt_state,
+                params,
+                grad_fn=lambda p, i: jax.tree.map(lambda g: g[i], grads),
+            )
         elif method.kind == "sampa":
             batches = (prev_batch, batch)
             updates, opt_state = tx.update(
@@ -165,9 +190,9 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
     return step
 
 
-def classification_loss(params, batch):
-    """Cross-entropy of the MLP on ``batch = {"x": ..., "y": ...}``."""
-    return models.cross_entropy(models.mlp(params, batch["x"]), batch["y"])
+def classification_loss(params, batch, apply=models.mlp):
+    """Cross-entropy of ``apply`` (the MLP) on ``batch = {"x": ..., "y": ...}``."""
+    return models.cross_entropy(apply(params, batch["x"]), batch["y"])
 
 
 def accuracy(params, x, y) -> jax.Array:

@@ -6,6 +6,7 @@ not load this module.
 
 from samx.runtime._calibrate import AscentBatchCalibration as AscentBatchCalibration
 from samx.runtime._calibrate import calibrate_ascent_batch as calibrate_ascent_batch
+from samx.runtime._points import grad_fn_points as grad_fn_points
 from samx.runtime._trainer import Trainer as Trainer
 from samx.runtime._trainer import TrainerState as TrainerState
 from samx.runtime._trainer import method_of as method_of
@@ -15,5 +16,6 @@ __all__ = (
     "Trainer",
     "TrainerState",
     "calibrate_ascent_batch",
+    "grad_fn_points",
     "method_of",
 )

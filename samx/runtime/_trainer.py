@@ -18,6 +18,7 @@ import optax
 from samx import _async_sam, _sam, _sampa
 from samx._perturb import f32_global_norm
 from samx.runtime import _devices
+from samx.runtime._points import grad_fn_points
 
 _KINDS = {
     _sam.SAMState: "sam",
@@ -422,13 +423,7 @@ class Trainer:
 
     def _sampa_points(self, state):
         """The two points SAMPa evaluates at, as ``tx.update`` asks for them."""
-        points = {}
-
-        def grad_fn(p, i):
-            points[i] = p
-            return jax.tree.map(jnp.zeros_like, p)
-
-        self.tx.update(None, state.opt_state, state.params, grad_fn=grad_fn)
+        points = grad_fn_points(self.tx, None, state.opt_state, state.params)
         return points[0], points[1]
 
     def _sampa_fused(self, state, prev, batch):
