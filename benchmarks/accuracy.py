@@ -33,7 +33,12 @@ def main(argv=None) -> dict:
     summary = {name: [] for name in METHODS}
     for noise in levels:
         run_args = compare.parse_args(
-            [f"--seeds={args.seeds}", f"--epochs={args.epochs}", f"--noise={noise}"]
+            [
+                f"--seeds={args.seeds}",
+                f"--epochs={args.epochs}",
+                f"--noise={noise}",
+                "--no-progress",
+            ]
         )
         results = compare.run(run_args)
         record["noise"][str(noise)] = {
