@@ -8,10 +8,9 @@ Usage: python benchmarks/accuracy.py [--seeds 5] [--epochs 60] [--json PATH]
 
 import argparse
 import dataclasses
-import json
 import statistics
 
-from step_time import machine
+from step_time import machine, write_json
 
 from samx.examples import compare
 from samx.examples.train import METHODS
@@ -57,8 +56,7 @@ def main(argv=None) -> dict:
         f" {args.epochs} epochs):\n"
     )
     print("\n".join(lines))
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(record, args.json)
     return record
 
 

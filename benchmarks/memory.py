@@ -10,11 +10,10 @@ Usage: python benchmarks/memory.py [--json PATH]
 """
 
 import argparse
-import json
 
 import jax
 import numpy as np
-from step_time import ALL, DEFAULT, machine, problem
+from step_time import ALL, DEFAULT, machine, problem, write_json
 
 from samx.examples.train import base_optimizer, make_step
 
@@ -69,9 +68,7 @@ def main(argv=None) -> dict:
             f" | {extra:+.2f} | {r['temp_vs_sgd']:.2f}x | {r['io_vs_sgd']:.2f}x |"
         )
     result = {"machine": machine(), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
 
 

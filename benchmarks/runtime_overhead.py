@@ -17,7 +17,6 @@ Usage: python benchmarks/runtime_overhead.py [--quick] [--json PATH]
 """
 
 import argparse
-import json
 import statistics
 import time
 
@@ -27,7 +26,7 @@ jax.config.update("jax_num_cpu_devices", 2)
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from step_time import machine  # noqa: E402
+from step_time import machine, write_json  # noqa: E402
 
 import samx  # noqa: E402
 from samx.examples import models  # noqa: E402
@@ -164,9 +163,7 @@ def main(argv=None) -> dict:
     for row in rows:
         print(f"| {row['optimizer']} | {row['loop']} | {row['ratio_vs_pure']:.3f}x |")
     result = {"machine": info, "settings": vars(args), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
 
 

@@ -63,6 +63,13 @@ def machine() -> dict:
     }
 
 
+def write_json(result: dict, path: str | None) -> None:
+    """Writes ``result`` to ``path`` as indented JSON (nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def problem(model: str, batch: int, width: int, seed: int = 0):
     """``(params, batch, loss)`` for "mlp" (64 features) or "resnet20" (32x32x3)."""
     kx, ky = jax.random.split(jax.random.key(seed + 1))
@@ -217,9 +224,7 @@ def main(argv=None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "rows": rows,
     }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
 
 
