@@ -1,0 +1,50 @@
+"""Flax helpers for the samx transforms: NNX and linen, BatchNorm done right.
+
+``import samx.flax`` imports Flax (``import samx`` does not). The helpers turn
+a model and a loss into what a samx transform needs, the gradients and a
+``grad_fn(params, i)``, for ``nnx.Optimizer`` (:func:`nnx_grads`,
+:func:`nnx_train_step`, :func:`make_nnx_train_step`) and for linen's
+``TrainState`` (:class:`TrainState`, :func:`apply_gradients`,
+:func:`linen_grads`, :func:`linen_train_step`, :func:`make_linen_train_step`).
+The method is found in the optimizer state, so the same step works for
+``samx.sam``, ``samx.async_sam``, ``samx.sampa`` and any other optax
+transform.
+
+**The BatchNorm rule.** A sharpness-aware step runs the model forward more
+than once (SAM at ``x`` and at ``x + e``; SAMPa at ``x~`` and at ``y``). The
+running statistics, and any other model state that is not a parameter (RNG
+counts, counters), come from ONE pass only: the descent pass, the one at
+``grad_fn(_, 0)`` (for SAMPa the pass at the perturbed point ``x~``, as the
+official code keeps; for a plain optax transform the pass at ``x``). Every
+other pass runs in the same training mode, from the model state of the start of
+the step, and its state updates are discarded. This is the only behaviour of
+the helpers. Updating the statistics in both passes, one after the other, is
+the most common bug of SAM implementations.
+
+The descent pass runs inside ``tx.update``; its new state is captured in the
+same trace and written after the update. Wrappers that call ``tx.update``
+under ``lax.cond`` (``optax.MultiSteps``, ``optax.apply_if_finite``) are
+therefore not supported: the helpers raise a ``RuntimeError`` for them.
+"""
+
+from samx.flax._common import DescentGradFn as DescentGradFn
+from samx.flax._linen import TrainState as TrainState
+from samx.flax._linen import apply_gradients as apply_gradients
+from samx.flax._linen import linen_grads as linen_grads
+from samx.flax._linen import linen_train_step as linen_train_step
+from samx.flax._linen import make_linen_train_step as make_linen_train_step
+from samx.flax._nnx import make_nnx_train_step as make_nnx_train_step
+from samx.flax._nnx import nnx_grads as nnx_grads
+from samx.flax._nnx import nnx_train_step as nnx_train_step
+
+__all__ = (
+    "DescentGradFn",
+    "TrainState",
+    "apply_gradients",
+    "linen_grads",
+    "linen_train_step",
+    "make_linen_train_step",
+    "make_nnx_train_step",
+    "nnx_grads",
+    "nnx_train_step",
+)

@@ -1,0 +1,298 @@
+"""What the NNX and linen helpers share: the passes of one step.
+
+A *pass* is ``pass_fn(params, batch) -> (loss, (aux, new_model_state))``: the
+loss at ``params`` on ``batch`` with the model state of the start of the step,
+and the model state that the forward pass would leave behind. The helpers
+build one ``pass_fn`` per step, then :func:`step_grads` runs the passes that
+the method needs and keeps the new model state of the descent pass only.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+
+PassFn = Callable[[Any, Any], tuple[jax.Array, tuple[Any, Any]]]
+
+_METHODS = ("sam", "async_sam", "sampa", "plain")
+_MISSING = object()
+
+
+def _trace_state() -> Any:
+    """The current JAX trace, as Flax NNX compares it for Variable updates."""
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")
+
+
+def check_loss_fn(fn: str, loss_fn: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(
+            f"`{fn}(loss_fn=...)` must be callable, got {type(loss_fn).__name__}."
+        )
+
+
+def check_batch(fn: str, name: str, batch: Any) -> int:
+    """Checks that every leaf of ``batch`` has the same leading (batch) axis."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
+        raise ValueError(
+            f"`{fn}({name}=...)` must be a pytree of arrays with a leading batch"
+            " axis, got a tree with no leaves."
+        )
+    size = None
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        where = jax.tree_util.keystr(path) or "the batch"
+        if len(shape) == 0:
+            raise ValueError(
+                f"`{fn}({name}=...)` must have a leading batch axis on every leaf;"
+                f" {where} is a scalar."
+            )
+        if size is None:
+            size = shape[0]
+        elif shape[0] != size:
+            raise ValueError(
+                f"`{fn}({name}=...)`: every leaf must have the same leading batch"
+                f" size; {where} has {shape[0]}, an earlier leaf has {size}."
+            )
+    return int(size)
+
+
+def check_method_args(
+    fn: str,
+    method: str,
+    *,
+    ascent_batch: Any,
+    ascent_batch_size: Any,
+    prev_batch: Any,
+) -> None:
+    """Checks that the optional batches fit the method found in the state."""
+    if method not in _METHODS:  # pragma: no cover - guarded by method_of
+        raise ValueError(f"{fn}: unknown method {method!r}.")
+    if prev_batch is not None and method != "sampa":
+        raise ValueError(
+            f"`{fn}(prev_batch=...)` is SAMPa's batch for its perturbed gradient,"
+            f" but the optimizer's transform is {method!r}, not samx.sampa."
+        )
+    for name, value in (
+        ("ascent_batch", ascent_batch),
+        ("ascent_batch_size", ascent_batch_size),
+    ):
+        if value is not None and method != "async_sam":
+            raise ValueError(
+                f"`{fn}({name}=...)` sets AsyncSAM's ascent batch, but the"
+                f" optimizer's transform is {method!r}, not samx.async_sam."
+            )
+    if ascent_batch is not None and ascent_batch_size is not None:
+        raise ValueError(
+            f"`{fn}`: pass `ascent_batch` or `ascent_batch_size`, not both."
+        )
+
+
+def ascent_batch_of(
+    fn: str, batch: Any, size: int, ascent_batch: Any, ascent_batch_size: Any
+) -> Any:
+    """AsyncSAM's ascent batch: given, the first b' examples, or the batch."""
+    if ascent_batch is not None:
+        check_batch(fn, "ascent_batch", ascent_batch)
+        return ascent_batch
+    if ascent_batch_size is None:
+        return batch
+    if (
+        isinstance(ascent_batch_size, bool)
+        or not isinstance(ascent_batch_size, (int, np.integer))
+        or not 1 <= ascent_batch_size <= size
+    ):
+        raise ValueError(
+            f"`{fn}(ascent_batch_size=...)` must be an int in [1, {size}] (the"
+            f" batch size), got {ascent_batch_size!r}."
+        )
+    n = int(ascent_batch_size)
+    return jax.tree.map(lambda x: x[:n], batch)
+
+
+def split_output(fn: str, out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+    """``(loss, aux)`` from what ``loss_fn`` returned; checks the loss."""
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(
+                f"{fn}: with `has_aux=True`, `loss_fn` must return a pair"
+                f" `(loss, aux)`, got {type(out).__name__}."
+            )
+        loss, aux = out
+    else:
+        loss, aux = out, None
+    check_scalar_loss(fn, loss, has_aux)
+    return loss, aux
+
+
+def check_scalar_loss(fn: str, loss: Any, has_aux: bool) -> None:
+    if isinstance(loss, (tuple, list)):
+        hint = "" if has_aux else " (did you mean `has_aux=True`?)"
+        raise ValueError(
+            f"{fn}: `loss_fn` must return a scalar loss, got a"
+            f" {type(loss).__name__}{hint}."
+        )
+    shape = np.shape(loss)
+    if shape != ():
+        raise ValueError(
+            f"{fn}: `loss_fn` must return a scalar loss, got an array of shape"
+            f" {shape} (reduce it, e.g. with `.mean()`)."
+        )
+    if not jnp.issubdtype(jnp.result_type(loss), jnp.inexact):
+        raise TypeError(
+            f"{fn}: `loss_fn` must return a floating-point loss, got dtype"
+            f" {jnp.result_type(loss)}."
+        )
+
+
+class DescentGradFn:
+    """``grad_fn(params, i)`` for samx transforms; keeps the descent pass's state.
+
+    Made by :func:`samx.flax.nnx_grads` and :func:`samx.flax.linen_grads`; pass
+    it to the optimizer as ``grad_fn=``. Each call returns the loss gradient at
+    ``params`` on the batch for evaluation ``i`` (SAMPa's ``i = 0``: the
+    previous batch; otherwise the current batch), always starting from the
+    model state of the start of the step. Only the call with ``i = 0``, the
+    descent pass, keeps what the forward pass did to the model state (BatchNorm
+    statistics, RNG counts): it records it here, and the NNX helper also writes
+    it into the model. For a plain optax transform, which makes no ``grad_fn``
+    call, the pass that produced ``grads`` is the descent pass and was recorded
+    when this object was made.
+
+    Attributes:
+      value: the descent pass's ``loss_fn`` output, ``loss`` or ``(loss, aux)``
+        as ``has_aux`` says; available once the optimizer has called
+        ``grad_fn(_, 0)``.
+      loss: the descent pass's loss.
+      aux: the descent pass's auxiliary output (None without ``has_aux``).
+      model_state: the model state after the descent pass (the NNX non-Param
+        state as a pure ``nnx.State``, or linen's ``batch_stats``).
+      method: the method found in the optimizer state: ``"sam"``,
+        ``"async_sam"``, ``"sampa"`` or ``"plain"``.
+    """
+
+    def __init__(
+        self,
+        fn: str,
+        method: str,
+        pass_fn: PassFn,
+        batches: tuple[Any, Any],
+        has_aux: bool,
+        on_descent: Callable[[Any], None] | None,
+    ):
+        self._fn = fn
+        self.method = method
+        self._pass_fn = pass_fn
+        self._batches = batches
+        self._has_aux = has_aux
+        self._on_descent = on_descent
+        self._trace = _trace_state()
+        self._loss: Any = _MISSING
+        self._aux: Any = None
+        self._model_state: Any = _MISSING
+
+    def __call__(self, params: Any, i: int) -> Any:
+        batch = self._batches[0] if i == 0 else self._batches[1]
+        (loss, (aux, new_state)), grads = jax.value_and_grad(
+            self._pass_fn, has_aux=True
+        )(params, batch)
+        if i == 0 and self.method != "plain":
+            self.record(loss, aux, new_state)
+        return grads
+
+    def record(self, loss: Any, aux: Any, new_state: Any) -> None:
+        """Keeps the descent pass's outputs (and hands the state to the model)."""
+        if _trace_state() != self._trace:
+            raise RuntimeError(
+                f"{self._fn}: the optimizer called `grad_fn(_, 0)` (the descent"
+                " pass) inside a JAX transform of its own, such as `lax.cond` in"
+                " `optax.MultiSteps` or `optax.apply_if_finite`, so its new model"
+                " state (e.g. BatchNorm statistics) cannot be carried out of it."
+                " Such wrappers are not supported by the samx.flax helpers: use the"
+                " samx transform directly (accumulate gradients in the loss"
+                " instead), or write the step by hand with a pure `grad_fn`."
+            )
+        self._loss, self._aux, self._model_state = loss, aux, new_state
+        if self._on_descent is not None:
+            self._on_descent(new_state)
+
+    def _require(self, name: str) -> None:
+        if self._loss is _MISSING:
+            raise RuntimeError(
+                f"{self._fn}: `grad_fn.{name}` is the descent pass's and is"
+                " available only after the optimizer has called `grad_fn(_, 0)`:"
+                " read it after `optimizer.update(model, grads, grad_fn=grad_fn)`"
+                " (NNX) or `samx.flax.apply_gradients(state, grads,"
+                " grad_fn=grad_fn)` (linen)."
+            )
+
+    @property
+    def loss(self) -> jax.Array:
+        self._require("loss")
+        return self._loss
+
+    @property
+    def aux(self) -> Any:
+        self._require("aux")
+        return self._aux
+
+    @property
+    def value(self) -> Any:
+        self._require("value")
+        return (self._loss, self._aux) if self._has_aux else self._loss
+
+    @property
+    def model_state(self) -> Any:
+        self._require("model_state")
+        return self._model_state
+
+
+def step_grads(
+    fn: str,
+    method: str,
+    pass_fn: PassFn,
+    params: Any,
+    batch: Any,
+    *,
+    has_aux: bool,
+    ascent_batch: Any,
+    ascent_batch_size: Any,
+    prev_batch: Any,
+    on_descent: Callable[[Any], None] | None,
+) -> tuple[Any, DescentGradFn]:
+    """Runs the passes before ``tx.update``; returns ``(updates, grad_fn)``.
+
+    ``updates`` is what the method takes as its first argument: the gradient at
+    ``params`` (on the ascent batch for AsyncSAM), or zeros for SAMPa.
+    """
+    check_method_args(
+        fn,
+        method,
+        ascent_batch=ascent_batch,
+        ascent_batch_size=ascent_batch_size,
+        prev_batch=prev_batch,
+    )
+    size = check_batch(fn, "batch", batch)
+    if method == "sampa":
+        descent_batch = batch
+        if prev_batch is not None:
+            check_batch(fn, "prev_batch", prev_batch)
+            descent_batch = prev_batch
+        grad_fn = DescentGradFn(
+            fn, method, pass_fn, (descent_batch, batch), has_aux, on_descent
+        )
+        return jax.tree.map(jnp.zeros_like, params), grad_fn
+
+    grad_fn = DescentGradFn(fn, method, pass_fn, (batch, batch), has_aux, on_descent)
+    first_batch = batch
+    if method == "async_sam":
+        first_batch = ascent_batch_of(fn, batch, size, ascent_batch, ascent_batch_size)
+    (loss, (aux, new_state)), grads = jax.value_and_grad(pass_fn, has_aux=True)(
+        params, first_batch
+    )
+    if method == "plain":  # the pass at params is the descent pass
+        grad_fn.record(loss, aux, new_state)
+    return grads, grad_fn

@@ -1,0 +1,309 @@
+"""Flax NNX: gradients and a train step for samx transforms and nnx.Optimizer."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from samx.flax import _common
+from samx.runtime import method_of
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _opt_state_and_wrt(fn: str, optimizer: Any) -> tuple[Any, Any]:
+    if isinstance(optimizer, nnx.Optimizer):
+        return optimizer.opt_state, optimizer.wrt
+    if isinstance(optimizer, optax.GradientTransformation) or callable(
+        getattr(optimizer, "update", None)
+    ):
+        raise TypeError(
+            f"`{fn}(optimizer=...)` must be an `nnx.Optimizer` or an optimizer"
+            f" state, got the transform {type(optimizer).__name__}: pass"
+            " `nnx.Optimizer(model, tx, wrt=nnx.Param)` or `tx.init(params)`."
+        )
+    return optimizer, nnx.Param
+
+
+def nnx_grads(
+    loss_fn: Callable[..., Any],
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | optax.OptState,
+    batch: Any,
+    *,
+    has_aux: bool = False,
+    prev_batch: Any = None,
+    ascent_batch: Any = None,
+    ascent_batch_size: int | None = None,
+) -> tuple[nnx.State, _common.DescentGradFn]:
+    r"""The gradients and ``grad_fn`` that ``optimizer.update`` needs, for NNX.
+
+    Runs the passes that come before ``tx.update`` and returns
+    ``(grads, grad_fn)`` for ``optimizer.update(model, grads,
+    grad_fn=grad_fn)``. The method is found in the optimizer's state
+    (:func:`samx.runtime.method_of`):
+
+    - ``samx.sam``: ``grads`` at the current parameters on ``batch``;
+      ``grad_fn(_, 0)`` on ``batch`` is the descent pass.
+    - ``samx.async_sam``: ``grads`` on the ascent batch (``ascent_batch``, or
+      the first ``ascent_batch_size`` examples of ``batch``, or ``batch``);
+      ``grad_fn(_, 0)`` on ``batch`` is the descent pass.
+    - ``samx.sampa``: ``grads`` is zeros (SAMPa does not use it);
+      ``grad_fn(_, 0)``, the descent pass, runs on ``prev_batch`` (the
+      previous step's batch, as in the official code; ``batch`` when None, the
+      simpler variant) and ``grad_fn(_, 1)`` on ``batch``.
+    - any other optax transform (``"plain"``): ``grads`` at the current
+      parameters on ``batch``, which is the descent pass; ``grad_fn`` is not
+      needed (pass it only to transforms that accept extra arguments).
+
+    **BatchNorm rule.** Every pass starts from the model state (everything
+    that ``optimizer.wrt`` does not select: BatchNorm statistics, RNG counts)
+    of the start of the step and runs in the same mode; only the descent pass
+    keeps its new state. ``grad_fn(_, 0)`` writes it into ``model`` while the
+    optimizer runs (for a plain transform this function writes it). The
+    passes share the RNG state of the start of the step, so dropout masks are
+    the same in all of them.
+
+    ``grad_fn`` works on the pure parameter ``nnx.State`` that
+    ``nnx.Optimizer.update`` passes to ``tx.update``; it merges it with the
+    model's graph to call ``loss_fn`` (Flax issue #4545). Call this function
+    and ``optimizer.update`` in the same trace (e.g. one ``nnx.jit``). A
+    wrapper that calls ``tx.update`` under ``lax.cond`` (``optax.MultiSteps``,
+    ``optax.apply_if_finite``) cannot carry the descent state out and raises a
+    ``RuntimeError``.
+
+    Args:
+      loss_fn: ``loss_fn(model, batch) -> loss``, a scalar, or ``(loss, aux)``
+        with ``has_aux``. It runs the model in training mode.
+      model: the ``nnx.Module``.
+      optimizer: the ``nnx.Optimizer`` (its ``wrt`` selects the parameters), or
+        the optax state of the transform (then the parameters are the
+        ``nnx.Param`` variables).
+      batch: a pytree of arrays with a leading batch axis.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      prev_batch: SAMPa only: the previous step's batch, for ``grad_fn(_, 0)``.
+      ascent_batch: AsyncSAM only: a separate ascent batch.
+      ascent_batch_size: AsyncSAM only: take the first ``b'`` examples of
+        ``batch`` as the ascent batch. Not with ``ascent_batch``.
+
+    Returns:
+      ``(grads, grad_fn)``: ``grads``, an ``nnx.State`` of the parameters like
+      ``nnx.grad``'s, and a :class:`samx.flax.DescentGradFn`; after the update,
+      ``grad_fn.loss`` (and ``grad_fn.aux``) hold the descent pass's loss.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, samx, samx.flax
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(
+      ...     nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+      ...     nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> optimizer = nnx.Optimizer(
+      ...     model, samx.sam(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> def loss_fn(model, batch):
+      ...     return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+      >>> batch = {"x": jnp.arange(6.0).reshape(2, 3), "y": jnp.ones((2, 4))}
+      >>> grads, grad_fn = samx.flax.nnx_grads(loss_fn, model, optimizer, batch)
+      >>> _ = optimizer.update(model, grads, grad_fn=grad_fn)
+      >>> print(f"{float(grad_fn.loss):.4f}")
+      2.0713
+      >>> print(model.layers[1].mean[...].round(3))  # from the descent pass only
+      [ 0.03  -0.037 -0.023 -0.024]
+
+    References:
+      Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+
+      Flax issue `#4545 <https://github.com/google/flax/issues/4545>`_: the
+      ``grad_fn`` of ``nnx.Optimizer.update`` receives the pure parameter state,
+      not the model.
+    """
+    fn = "samx.flax.nnx_grads"
+    _common.check_loss_fn(fn, loss_fn)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"`{fn}(model=...)` must be an `nnx.Module`, got {type(model).__name__}."
+        )
+    opt_state, wrt = _opt_state_and_wrt(fn, optimizer)
+    method = method_of(opt_state)
+    graphdef, wrt_state, rest = nnx.split(model, wrt, ...)
+    start_rest = nnx.as_pure(rest)
+
+    def pass_fn(params: nnx.State, batch: Any) -> Any:
+        m = nnx.merge(graphdef, params, start_rest)
+        loss, aux = _common.split_output(fn, loss_fn(m, batch), has_aux)
+        _, _, new_rest = nnx.split(m, wrt, ...)
+        return loss, (aux, nnx.as_pure(new_rest))
+
+    def on_descent(new_rest: nnx.State) -> None:
+        nnx.update(model, new_rest)
+
+    pure_grads, grad_fn = _common.step_grads(
+        fn,
+        method,
+        pass_fn,
+        nnx.as_pure(wrt_state),
+        batch,
+        has_aux=has_aux,
+        ascent_batch=ascent_batch,
+        ascent_batch_size=ascent_batch_size,
+        prev_batch=prev_batch,
+        on_descent=on_descent,
+    )
+    grads = jax.tree.map(
+        lambda v, g: v.replace(g), wrt_state, pure_grads, is_leaf=_is_variable
+    )
+    return grads, grad_fn
+
+
+def nnx_train_step(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    batch: Any,
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    prev_batch: Any = None,
+    ascent_batch: Any = None,
+    ascent_batch_size: int | None = None,
+) -> dict[str, Any]:
+    r"""One training step of an NNX model with any samx or optax transform.
+
+    :func:`nnx_grads` then ``optimizer.update``: the model's parameters and
+    optimizer state are updated in place, and its other state (BatchNorm
+    statistics) is the descent pass's. Wrap it in ``nnx.jit`` (or use
+    :func:`make_nnx_train_step`); ``grad_fn`` is passed to the optimizer only
+    for the samx methods, so any optax transform works.
+
+    Args:
+      model: the ``nnx.Module``.
+      optimizer: its ``nnx.Optimizer``.
+      batch: a pytree of arrays with a leading batch axis.
+      loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux)``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      prev_batch: SAMPa only: the previous step's batch (see
+        :func:`nnx_grads`). Pass ``batch`` itself at the first step rather
+        than None to keep one compiled step.
+      ascent_batch: AsyncSAM only: a separate ascent batch.
+      ascent_batch_size: AsyncSAM only: the first ``b'`` examples of ``batch``.
+
+    Returns:
+      A dict ``{"loss": ...}`` with the descent pass's loss (and ``"aux"`` with
+      ``has_aux``), left on the device.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, samx, samx.flax
+      >>> from flax import nnx
+      >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(
+      ...     model, samx.async_sam(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> def loss_fn(model, batch):
+      ...     return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+      >>> batch = {"x": jnp.eye(4, 3), "y": jnp.ones((4, 1))}
+      >>> step = nnx.jit(samx.flax.nnx_train_step, static_argnames=(
+      ...     "loss_fn", "ascent_batch_size"))
+      >>> for _ in range(3):
+      ...     metrics = step(model, optimizer, batch, loss_fn, ascent_batch_size=2)
+      >>> print(f"{float(metrics['loss']):.4f}")
+      0.6335
+
+    References:
+      Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+
+      Flax issue `#4545 <https://github.com/google/flax/issues/4545>`_
+    """
+    fn = "samx.flax.nnx_train_step"
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(
+            f"`{fn}(optimizer=...)` must be an `nnx.Optimizer`, got"
+            f" {type(optimizer).__name__}; with a bare optax state, use"
+            " `samx.flax.nnx_grads`."
+        )
+    grads, grad_fn = nnx_grads(
+        loss_fn,
+        model,
+        optimizer,
+        batch,
+        has_aux=has_aux,
+        prev_batch=prev_batch,
+        ascent_batch=ascent_batch,
+        ascent_batch_size=ascent_batch_size,
+    )
+    extra = {} if grad_fn.method == "plain" else {"grad_fn": grad_fn}
+    if isinstance(optimizer, nnx.ModelAndOptimizer):  # deprecated: holds the model
+        optimizer.update(grads, **extra)
+    else:
+        optimizer.update(model, grads, **extra)
+    metrics = {"loss": grad_fn.loss}
+    if has_aux:
+        metrics["aux"] = grad_fn.aux
+    return metrics
+
+
+def make_nnx_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    ascent_batch_size: int | None = None,
+) -> Callable[..., dict[str, Any]]:
+    r"""An ``nnx.jit``-compiled :func:`nnx_train_step` for ``loss_fn``.
+
+    Args:
+      loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux)``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      ascent_batch_size: AsyncSAM only: the first ``b'`` examples of each batch
+        are the ascent batch.
+
+    Returns:
+      ``step(model, optimizer, batch, prev_batch=None, ascent_batch=None) ->
+      metrics``, compiled once per batch shape (and per whether
+      ``prev_batch`` / ``ascent_batch`` are given: for SAMPa, pass
+      ``prev_batch=batch`` at the first step).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, samx, samx.flax
+      >>> from flax import nnx
+      >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(
+      ...     model, samx.sampa(optax.sgd(0.1)), wrt=nnx.Param)
+      >>> step = samx.flax.make_nnx_train_step(
+      ...     lambda model, b: jnp.mean((model(b["x"]) - b["y"]) ** 2))
+      >>> batches = [{"x": jnp.eye(4, 3), "y": y * jnp.ones((4, 1))}
+      ...            for y in (1.0, 2.0, 1.0)]
+      >>> prev = batches[0]
+      >>> for batch in batches:
+      ...     metrics = step(model, optimizer, batch, prev_batch=prev)
+      ...     prev = batch
+      >>> print(f"{float(metrics['loss']):.4f}")
+      3.0410
+
+    References:
+      Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
+      <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
+    """
+    _common.check_loss_fn("samx.flax.make_nnx_train_step", loss_fn)
+
+    @nnx.jit
+    def step(
+        model: nnx.Module,
+        optimizer: nnx.Optimizer,
+        batch: Any,
+        prev_batch: Any = None,
+        ascent_batch: Any = None,
+    ) -> dict[str, Any]:
+        return nnx_train_step(
+            model,
+            optimizer,
+            batch,
+            loss_fn,
+            has_aux=has_aux,
+            prev_batch=prev_batch,
+            ascent_batch=ascent_batch,
+            ascent_batch_size=ascent_batch_size,
+        )
+
+    return step
