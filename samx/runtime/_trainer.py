@@ -5,7 +5,9 @@ never re-implements the algorithm: each jitted piece calls ``tx.update`` with a
 ``grad_fn`` that either records what it is asked for (the evaluation points)
 or hands back gradients that were computed elsewhere. Inputs are committed to
 their device with an explicit ``jax.device_put``, so each jit runs there, and
-JAX's asynchronous dispatch lets the two devices work at the same time.
+JAX's asynchronous dispatch lets the two devices work at the same time. The
+descent side may be a whole ``jax.sharding.Mesh`` (data parallel): the batch is
+then split along one mesh axis and the state replicated.
 """
 
 from collections.abc import Callable
@@ -14,6 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from samx import _async_sam, _sam, _sampa
 from samx._perturb import f32_global_norm
@@ -60,17 +64,46 @@ def value_and_grad(loss_fn: Callable[..., Any], has_state: bool) -> Callable:
     return fn
 
 
+def check_mesh(fn: str, arg: str, mesh: Any, axis: str) -> Mesh:
+    """``mesh`` if it is a ``jax.sharding.Mesh`` with an axis named ``axis``."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"`{fn}({arg}=...)` must be a `jax.sharding.Mesh`, got"
+            f" {type(mesh).__name__}."
+        )
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"`{fn}`: the batch axis {axis!r} is not an axis of the mesh, whose"
+            f" axes are {mesh.axis_names}."
+        )
+    return mesh
+
+
+def check_batch_divides(where: str, batch: Any, mesh: Mesh, axis: str) -> int:
+    """The batch size, if the mesh's ``axis`` divides it; a clear error if not."""
+    size = _batch_size(batch)
+    n = mesh.shape[axis]
+    if size % n:
+        raise ValueError(
+            f"{where}: the batch size {size} is not divisible by the {n} devices"
+            f" of the mesh axis {axis!r}; use a batch size that is a multiple of"
+            f" {n}."
+        )
+    return size
+
+
 class TrainerState(NamedTuple):
     """State of a :class:`Trainer`; a pytree, so it can be checkpointed.
 
     Attributes:
       step: the number of steps taken, an int32 scalar on the descent device.
-      params: the parameters, on the descent device.
-      opt_state: the transform's state, on the descent device.
+      params: the parameters, on the descent device (replicated on a mesh).
+      opt_state: the transform's state, on the descent device (replicated).
       model_state: the model's non-trainable state (e.g. BatchNorm
-        statistics), or None for a loss without state.
+        statistics), or None for a loss without state (replicated).
       prev_batch: SAMPa only: the previous step's batch, on the descent device
-        (None before the first step, and for the other methods).
+        (split along the batch axis on a mesh; None before the first step, and
+        for the other methods).
     """
 
     step: jax.Array
@@ -121,6 +154,16 @@ class Trainer:
     - ``samx.sam``, whose descent point needs the fresh ascent gradient, and any
       other optax transform: everything on ``descent_device``.
 
+    **Data parallel.** ``descent_device`` may be a ``jax.sharding.Mesh``: each
+    batch is then split along ``batch_axis`` (``NamedSharding(mesh,
+    P(batch_axis))``) and ``params``, ``opt_state`` and ``model_state`` are
+    replicated on the mesh (``NamedSharding(mesh, P())``); XLA averages the
+    gradients over the mesh, so the trajectory is the one-device trajectory.
+    AsyncSAM's ascent still runs on the single ``ascent_device``, and its
+    gradient is then replicated onto the mesh; SAMPa's two gradients both run
+    on the mesh unless ``ascent_device`` is given. The batch size must be a
+    multiple of the mesh's ``batch_axis`` size.
+
     Args:
       tx: the transform, e.g. ``samx.async_sam(optax.sgd(0.1), rho=0.05)``,
         alone or inside an ``optax.chain``.
@@ -129,11 +172,13 @@ class Trainer:
         new_model_state)``. ``batch`` is a pytree of arrays with a leading batch
         axis. The new model state is taken from the descent pass only (for
         SAMPa the pass at the perturbed point); the other pass's is dropped.
-      descent_device: a ``jax.Device`` or a name such as ``"gpu"``, ``"cpu:1"``;
-        default ``jax.devices()[0]``.
-      ascent_device: where the second gradient runs. Default: for AsyncSAM
-        ``jax.devices("cpu")[0]``; for SAMPa a second accelerator when there is
-        one, else the descent device (both gradients fused).
+      descent_device: a ``jax.Device``, a name such as ``"gpu"``, ``"cpu:1"``,
+        or a ``jax.sharding.Mesh`` (data parallel, see above); default
+        ``jax.devices()[0]``.
+      ascent_device: where the second gradient runs, a single device. Default:
+        for AsyncSAM ``jax.devices("cpu")[0]``; for SAMPa a second accelerator
+        when there is one and ``descent_device`` is not a mesh, else the
+        descent device (both gradients fused).
       ascent_batch_size: AsyncSAM's ascent batch b' (the first b' examples of
         each batch); default the whole batch. See
         :func:`samx.runtime.calibrate_ascent_batch`.
@@ -144,6 +189,8 @@ class Trainer:
         gradients, which measured faster there (``vmap`` took 1.22x the time of
         the plain single-jit step on a 2-core CPU,
         ``benchmarks/runtime_overhead.py``).
+      batch_axis: with a mesh, the mesh axis the batch is split along; default
+        the mesh's first axis.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, samx
@@ -177,6 +224,7 @@ class Trainer:
         ascent_batch_size: int | None = None,
         has_state: bool = False,
         sampa_vmap: bool | None = None,
+        batch_axis: str | None = None,
     ):
         if not (
             callable(getattr(tx, "init", None))
@@ -204,11 +252,32 @@ class Trainer:
         self._value_and_grad = value_and_grad(loss_fn, has_state)
         self.has_state = has_state
         self.ascent_batch_size = ascent_batch_size
-        self.descent_device = (
-            jax.devices()[0]
-            if descent_device is None
-            else _devices.resolve("descent_device", descent_device)
-        )
+        self.mesh: Mesh | None = None
+        self.batch_axis = batch_axis
+        if isinstance(descent_device, Mesh):
+            self.batch_axis = (
+                descent_device.axis_names[0] if batch_axis is None else batch_axis
+            )
+            self.mesh = check_mesh(
+                "Trainer", "descent_device", descent_device, self.batch_axis
+            )
+            self.descent_device = descent_device
+            self._state_place = NamedSharding(self.mesh, P())
+            self._batch_place = NamedSharding(self.mesh, P(self.batch_axis))
+            platform = self.mesh.devices.flat[0].platform
+        else:
+            if batch_axis is not None:
+                raise ValueError(
+                    "`Trainer(batch_axis=...)` needs `descent_device` to be a"
+                    f" `jax.sharding.Mesh`, got {descent_device!r}."
+                )
+            self.descent_device = (
+                jax.devices()[0]
+                if descent_device is None
+                else _devices.resolve("descent_device", descent_device)
+            )
+            self._state_place = self._batch_place = self.descent_device
+            platform = self.descent_device.platform
         self._ascent_arg = (
             None
             if ascent_device is None
@@ -216,9 +285,7 @@ class Trainer:
         )
         self._compiled: dict[str, Callable] = {}
         self._method: str | None = None
-        self.sampa_vmap = (
-            self.descent_device.platform != "cpu" if sampa_vmap is None else sampa_vmap
-        )
+        self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
 
     # -- placement ---------------------------------------------------------------
 
@@ -228,13 +295,13 @@ class Trainer:
             self._method = method_of(opt_state)
         return self._method
 
-    def ascent_device_for(self, method: str) -> jax.Device:
+    def ascent_device_for(self, method: str) -> jax.Device | Mesh:
         """Where the second gradient of ``method`` runs (see the class doc)."""
         if self._ascent_arg is not None:
             return self._ascent_arg
         if method == "async_sam":
             return jax.devices("cpu")[0]
-        if method == "sampa":
+        if method == "sampa" and self.mesh is None:
             return _devices.second_accelerator() or self.descent_device
         return self.descent_device
 
@@ -249,7 +316,7 @@ class Trainer:
             raise ValueError(
                 "`Trainer(has_state=True)` needs `init(params, model_state)`."
             )
-        params = self._put(params, self.descent_device)
+        params = self._put(params, self._state_place)
         opt_state = jax.jit(self.tx.init)(params)
         method = self.method(opt_state)
         if self.ascent_batch_size is not None and method != "async_sam":
@@ -266,23 +333,29 @@ class Trainer:
         )
         # Commit every leaf (jit leaves outputs that ignore its inputs
         # uncommitted), so that the first step compiles what the others reuse.
-        return self._put(state, self.descent_device)
+        return self._put(state, self._state_place)
 
     def step(self, state: TrainerState, batch: Any) -> tuple[TrainerState, dict]:
         """One training step; returns at once, before the devices finish.
 
         Args:
           state: from :meth:`init` or the previous step.
-          batch: a pytree of arrays (NumPy or JAX) with a common leading size.
+          batch: a pytree of arrays (NumPy or JAX) with a common leading size
+            (on a mesh, a multiple of the size of its batch axis).
 
         Returns:
           ``(state, metrics)``: ``metrics["loss"]`` and ``metrics["grad_norm"]``
           of the descent pass, on the descent device; AsyncSAM and SAMPa add
           ``metrics["ascent_grad_norm"]``, on the ascent device.
         """
-        size = _batch_size(batch)
+        if self.mesh is None:
+            size = _batch_size(batch)
+        else:
+            size = check_batch_divides(
+                "`Trainer.step(batch=...)`", batch, self.mesh, self.batch_axis
+            )
         method = self.method(state.opt_state)
-        batch_d = self._put(batch, self.descent_device)
+        batch_d = self._put(batch, self._batch_place)
         if method == "sampa":
             prev = batch_d if state.prev_batch is None else state.prev_batch
             # prev_batch travels separately: None at step 0 must not retrace.
@@ -296,9 +369,13 @@ class Trainer:
 
     # -- jitted pieces -----------------------------------------------------------
 
-    def _one_jit(self, name, fn):
+    def _one_jit(self, name, fn, on_descent=True):
+        """``jax.jit(fn)``, once; on a mesh, the descent side's outputs replicated."""
         if name not in self._compiled:
-            self._compiled[name] = jax.jit(fn)
+            if self.mesh is not None and on_descent:
+                self._compiled[name] = jax.jit(fn, out_shardings=self._state_place)
+            else:
+                self._compiled[name] = jax.jit(fn)
         return self._compiled[name]
 
     def _recorder(self, model_state, batches, captured):
@@ -338,13 +415,13 @@ class Trainer:
         small = self._put(jax.tree.map(lambda x: x[:b], batch), ascent_device)
         params_a = self._put(state.params, ascent_device)
         ms_a = self._put(state.model_state, ascent_device)
-        ascent, ascent_norm = self._one_jit("ascent", self._ascent_grad)(
-            params_a, ms_a, small
-        )
+        ascent, ascent_norm = self._one_jit(
+            "ascent", self._ascent_grad, on_descent=False
+        )(params_a, ms_a, small)
         descent, loss, ms = self._one_jit("async_descent", self._async_descent)(
             state, batch_d
         )
-        ascent_d = self._put(ascent, self.descent_device)
+        ascent_d = self._put(ascent, self._state_place)
         state, grad_norm = self._one_jit("apply", self._apply)(
             state, ascent_d, (descent,), ms
         )
@@ -405,13 +482,13 @@ class Trainer:
         batch_a = self._put(batch_d, ascent_device)
         aux_point = self._put(aux_point, ascent_device)
         ms_a = self._put(state.model_state, ascent_device)
-        aux_grad, aux_norm = self._one_jit("ascent", self._ascent_grad)(
-            aux_point, ms_a, batch_a
-        )
+        aux_grad, aux_norm = self._one_jit(
+            "ascent", self._ascent_grad, on_descent=False
+        )(aux_point, ms_a, batch_a)
         loss, ms, grad = self._one_jit("sampa_descent", self._value_and_grad)(
             perturbed, state.model_state, prev
         )
-        aux_grad = self._put(aux_grad, self.descent_device)
+        aux_grad = self._put(aux_grad, self._state_place)
         state, grad_norm = self._one_jit("apply", self._apply)(
             state, None, (grad, aux_grad), ms
         )
