@@ -1,0 +1,82 @@
+"""Checkpoints: the abstract target a saved Trainer state restores into."""
+
+from typing import Any
+
+import jax
+
+from samx.runtime._trainer import Trainer, TrainerState
+
+
+def abstract_state(
+    trainer: Trainer, params: Any, model_state: Any = None, *, batch: Any = None
+) -> TrainerState:
+    """The shapes, dtypes and placement of ``trainer``'s state, to restore into.
+
+    A checkpoint library such as orbax restores into a target tree of
+    ``jax.ShapeDtypeStruct`` with shardings. ``trainer.init(params)`` gives
+    almost that target, with one difference: SAMPa's state holds the previous
+    batch (``TrainerState.prev_batch``), which is None in a fresh state and a
+    batch in any state saved after a step. This function builds the fresh
+    state, puts ``batch`` where :meth:`Trainer.step` puts a batch (SAMPa only;
+    the other methods keep None), and returns every leaf as a
+    ``jax.ShapeDtypeStruct`` with the sharding of the live state: committed to
+    the descent device, or on a mesh replicated (the batch split along its
+    batch axis). The restored state then continues without a recompilation.
+
+    It allocates a fresh state on the descent device (as ``trainer.init``
+    does); the values are not used.
+
+    Args:
+      trainer: the :class:`Trainer` that will continue from the checkpoint.
+      params: parameters of the model's shapes and dtypes (e.g. a fresh
+        initialisation), as for :meth:`Trainer.init`.
+      model_state: the model's state, as for :meth:`Trainer.init`
+        (required with ``has_state=True``).
+      batch: a batch of the shapes the training loop feeds (any values);
+        required for SAMPa, ignored for the other methods. To restore a SAMPa
+        state saved before its first step, replace ``prev_batch`` of the result
+        with None.
+
+    Returns:
+      A :class:`TrainerState` whose leaves are ``jax.ShapeDtypeStruct`` with
+      shardings.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, numpy as np, optax, samx
+      >>> import orbax.checkpoint as ocp
+      >>> from samx.runtime import Trainer, abstract_state
+      >>> def loss_fn(params, batch):
+      ...     return jnp.mean((batch["x"] @ params - batch["y"]) ** 2)
+      >>> batch = {"x": np.ones((8, 3), np.float32), "y": np.ones(8, np.float32)}
+      >>> trainer = Trainer(samx.sampa(optax.sgd(0.1)), loss_fn)
+      >>> state, _ = trainer.step(trainer.init(jnp.zeros(3)), batch)
+      >>> path = tempfile.mkdtemp() + "/step1"
+      >>> with ocp.StandardCheckpointer() as ckptr:
+      ...     ckptr.save(path, state)
+      ...     ckptr.wait_until_finished()
+      ...     target = abstract_state(trainer, jnp.zeros(3), batch=batch)
+      ...     restored = ckptr.restore(path, target)
+      >>> int(restored.step), restored.prev_batch["x"].shape
+      (1, (8, 3))
+
+    References:
+      Orbax, `Checkpointing PyTrees of arrays
+      <https://orbax.readthedocs.io/en/latest/guides/checkpoint/checkpointing_pytrees.html>`_
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(
+            "`abstract_state(trainer=...)` must be a `samx.runtime.Trainer`, got"
+            f" {type(trainer).__name__}."
+        )
+    state = trainer.init(params, model_state)
+    if trainer.method(state.opt_state) == "sampa":
+        if batch is None:
+            raise ValueError(
+                "`abstract_state(batch=...)` is required for SAMPa, whose state"
+                " holds the previous batch: pass a batch of the shapes the"
+                " training loop feeds."
+            )
+        state = state._replace(prev_batch=trainer._put(batch, trainer._batch_place))
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
