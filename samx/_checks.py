@@ -7,6 +7,7 @@ inside ``jax.jit``) are skipped: they cannot be read without a host
 synchronisation.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,9 @@ import numpy as np
 import optax
 
 
-def check_base(fn: str, base: Any) -> optax.GradientTransformationExtraArgs:
+def check_base(
+    fn: str, base: Any, name: str = "base"
+) -> optax.GradientTransformationExtraArgs:
     """Checks that ``base`` is an optax transform; returns it with extra args."""
     if callable(getattr(base, "init", None)) and callable(
         getattr(base, "update", None)
@@ -24,14 +27,14 @@ def check_base(fn: str, base: Any) -> optax.GradientTransformationExtraArgs:
         return optax.with_extra_args_support(base)
     hint = ""
     if callable(base):
-        name = getattr(base, "__qualname__", repr(base))
+        qualname = getattr(base, "__qualname__", repr(base))
         hint = (
-            f" It is a callable ({name}): did you pass the factory instead of"
+            f" It is a callable ({qualname}): did you pass the factory instead of"
             " the transform it returns, e.g. `optax.sgd` instead of"
             " `optax.sgd(0.1)`?"
         )
     raise TypeError(
-        f"`{fn}(base=...)` must be an optax transform with `init` and `update`"
+        f"`{fn}({name}=...)` must be an optax transform with `init` and `update`"
         f" (e.g. `optax.sgd(0.1, momentum=0.9)`), got {type(base).__name__}." + hint
     )
 
@@ -96,6 +99,11 @@ def check_perturbation_args(
     check_scalar(fn, "rho", rho)
     check_scalar(fn, "eta", eta, allow_schedule=False)
     check_scalar(fn, "eps", eps, allow_schedule=False)
+    if not isinstance(adaptive, (bool, np.bool_)):
+        raise TypeError(
+            f"`{fn}(adaptive=...)` must be True or False, got"
+            f" {type(adaptive).__name__} {adaptive!r}."
+        )
     if mask is not None and not adaptive:
         raise ValueError(
             f"`{fn}(mask=...)` selects the leaves that ASAM scales and needs"
@@ -123,23 +131,93 @@ def check_like_params(
                 break
         else:  # same paths, different node types (e.g. a tuple for a list)
             got, want = str(tree_def), str(param_def)
+        hint = ""
+        if (
+            isinstance(tree, tuple)
+            and len(tree) == 2
+            and jax.tree.structure(tree[1]) == param_def
+        ):
+            hint = (
+                " It looks like a `(loss, grads)` pair, as `jax.value_and_grad`"
+                " returns: pass the gradient only."
+            )
         raise ValueError(
             f"{fn}: {what} does not have the tree structure of {ref}: its"
-            f" leaf {got} stands where {ref} has {want}."
+            f" leaf {got} stands where {ref} has {want}." + hint
         )
     for (path, leaf), (_, param) in zip(tree_leaves, param_leaves, strict=True):
+        where = jax.tree_util.keystr(path)
+        param_dtype = _array_dtype(fn, ref, where, param)
+        leaf_dtype = _array_dtype(fn, what, where, leaf)
         if np.shape(leaf) != np.shape(param):
             raise ValueError(
-                f"{fn}: {what} leaf {jax.tree_util.keystr(path)} has shape"
+                f"{fn}: {what} leaf {where} has shape"
                 f" {np.shape(leaf)}, but {ref} has shape {np.shape(param)}."
+            )
+        if (
+            jnp.issubdtype(param_dtype, jnp.floating)
+            and not jnp.issubdtype(leaf_dtype, jnp.floating)
+        ) or (
+            jnp.issubdtype(param_dtype, jnp.complexfloating)
+            and not jnp.issubdtype(leaf_dtype, jnp.inexact)
+        ):
+            raise TypeError(
+                f"{fn}: {what} leaf {where} has dtype {leaf_dtype}, but {ref}"
+                f" has {param_dtype}: a gradient of floating-point parameters"
+                " must be floating-point too."
             )
 
 
-def require_params(fn: str, params: Any) -> None:
+def _array_dtype(fn: str, what: str, where: str, leaf: Any) -> Any:
+    """The dtype of an array-like leaf; a clear error for anything else."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None and isinstance(leaf, (bool, int, float, complex)):
+        dtype = np.result_type(leaf)
+    try:
+        ok = dtype is not None and (
+            jnp.issubdtype(dtype, jnp.number)  # bfloat16, float8, int4 too
+            or jnp.issubdtype(dtype, jnp.bool_)
+            or jnp.issubdtype(dtype, jax.dtypes.extended)  # e.g. PRNG keys
+            or dtype == jax.dtypes.float0  # the gradient of an integer leaf
+        )
+    except TypeError:  # not a dtype at all
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"{fn}: {what} leaf {where} must be an array (or a number), got"
+            f" {type(leaf).__name__}"
+            + (f" of dtype {dtype}." if dtype is not None else ".")
+        )
+    return dtype
+
+
+def require_params(fn: str, params: Any, method: str = "update") -> None:
+    """Checks that ``params`` is given and is a tree of arrays.
+
+    ``method`` is the transform's method that received it, ``"init"`` or
+    ``"update"``; the error names it.
+    """
     if params is None:
+        why = (
+            " (the transform evaluates the gradient at a perturbation of them)"
+            if method == "update"
+            else ""
+        )
         raise ValueError(
-            f"{fn}: `update` needs the current `params` (the transform"
-            " evaluates the gradient at a perturbation of them), got None."
+            f"{fn}: `{method}` needs the current `params`{why}, a tree of"
+            " arrays, got None."
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        _array_dtype(fn, "`params`", jax.tree_util.keystr(path), leaf)
+
+
+def check_state(fn: str, state: Any, state_type: type) -> None:
+    """Checks that ``update`` got the state its transform's ``init`` returns."""
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"{fn}: `update` needs the state that this transform's `init`"
+            f" returned (a `samx.{state_type.__name__}`), got"
+            f" {type(state).__name__}. Was it the state of another transform?"
         )
 
 
@@ -159,4 +237,18 @@ def require_grad_fn(fn: str, grad_fn: Callable | None) -> Callable:
             f"{fn}: `grad_fn` must be callable as `grad_fn(params, i)`,"
             f" got {type(grad_fn).__name__}."
         )
+    try:
+        signature = inspect.signature(grad_fn)
+    except (TypeError, ValueError):  # e.g. a builtin without a signature
+        return grad_fn
+    try:
+        signature.bind(None, 0)
+    except TypeError:
+        name = getattr(grad_fn, "__qualname__", type(grad_fn).__name__)
+        raise TypeError(
+            f"{fn}: `grad_fn` is called as `grad_fn(params, i)`, with the"
+            f" index `i` of the gradient asked for, but `{name}{signature}`"
+            " does not take two positional arguments. Wrap a gradient of the"
+            " parameters alone as `grad_fn=lambda p, i: grad(p)`."
+        ) from None
     return grad_fn

@@ -118,6 +118,7 @@ def sam(
     )
 
     def init_fn(params: optax.Params) -> SAMState:
+        _checks.require_params(fn, params, "init")
         return SAMState(count=jnp.zeros((), jnp.int32), base_state=base.init(params))
 
     def update_fn(
@@ -128,6 +129,7 @@ def sam(
         grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
+        _checks.check_state(fn, state, SAMState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)
         _checks.check_like_params(fn, "`updates`", updates, params)

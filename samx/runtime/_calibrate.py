@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from samx.runtime import _devices
 from samx.runtime._trainer import _batch_size, value_and_grad
@@ -85,10 +86,24 @@ def calibrate_ascent_batch(
             f"`calibrate_ascent_batch(loss_fn=...)` must be callable, got"
             f" {type(loss_fn).__name__}."
         )
-    if not isinstance(repeats, int) or repeats < 1:
+    if (
+        isinstance(repeats, bool)
+        or not isinstance(repeats, (int, np.integer))
+        or repeats < 1
+    ):
         raise ValueError(
             "`calibrate_ascent_batch(repeats=...)` must be an int >= 1,"
             f" got {repeats!r}."
+        )
+    if params is None:
+        raise ValueError(
+            "`calibrate_ascent_batch(params=...)` must be the parameters, a tree"
+            " of arrays, got None."
+        )
+    if has_state and model_state is None:
+        raise ValueError(
+            "`calibrate_ascent_batch(has_state=True)` needs"
+            " `model_state=...`, the model state `loss_fn` takes."
         )
     fast = (
         jax.devices()[0]

@@ -25,12 +25,15 @@ def resolve(arg: str, device: Any) -> jax.Device:
     if isinstance(device, jax.Device):
         return device
     if isinstance(device, str):
-        platform, _, index = device.partition(":")
-        try:
-            devices = jax.devices(platform)
-            return devices[int(index) if index else 0]
-        except (RuntimeError, ValueError, IndexError):
-            pass
+        platform, colon, index = device.partition(":")
+        # Only "platform" or "platform:N" with N >= 0: "cpu:-1" or "" must not
+        # silently pick some device.
+        if platform and (index.isdecimal() or not colon):
+            try:
+                devices = jax.devices(platform)
+                return devices[int(index) if colon else 0]
+            except (RuntimeError, ValueError, IndexError):
+                pass
     raise ValueError(
         f"`{arg}={device!r}` is not a device here; available:"
         f" {', '.join(available())} (or a `jax.Device`)."

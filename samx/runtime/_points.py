@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from samx import _checks
+
 
 def grad_fn_points(
     tx: optax.GradientTransformationExtraArgs,
@@ -45,13 +47,18 @@ def grad_fn_points(
       Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
       <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
     """
+    fn = "samx.runtime.grad_fn_points"
+    tx = _checks.check_base(fn, tx, name="tx")
+    if "grad_fn" in extra_args:
+        raise TypeError(
+            f"`{fn}` passes its own `grad_fn` (one that records the points);"
+            " do not pass `grad_fn=...` among its extra arguments."
+        )
     points: dict[int, Any] = {}
 
     def grad_fn(p, i):
         points[i] = p
         return jax.tree.map(jnp.zeros_like, p)
 
-    optax.with_extra_args_support(tx).update(
-        updates, opt_state, params, grad_fn=grad_fn, **extra_args
-    )
+    tx.update(updates, opt_state, params, grad_fn=grad_fn, **extra_args)
     return points
