@@ -187,6 +187,7 @@ def staleness_cosine(stale: Any, fresh: Any, eps: float = 1e-12) -> jax.Array:
       <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
     """
     fn = "samx.diagnostics.staleness_cosine"
+    _checks.check_scalar(fn, "eps", eps, allow_schedule=False)
     _checks.check_like_params(fn, "`fresh`", fresh, stale, ref="`stale`")
     inv_stale = 1 / (_perturb.f32_global_norm(stale) + eps)
     inv_fresh = 1 / (_perturb.f32_global_norm(fresh) + eps)

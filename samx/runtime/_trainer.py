@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -119,6 +120,11 @@ def method_of(opt_state: Any) -> str:
     Finds the samx state inside ``optax.chain``, ``inject_hyperparams`` and the
     like, so the Trainer needs no tag on the transform.
     """
+    if isinstance(opt_state, optax.GradientTransformation):
+        raise TypeError(
+            "`method_of(opt_state=...)` takes the optimizer state,"
+            " `tx.init(params)`, not the transform itself."
+        )
     found = {
         _KINDS[type(x)]
         for x in jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in _KINDS)
@@ -241,7 +247,9 @@ class Trainer:
                 f" {type(loss_fn).__name__}."
             )
         if ascent_batch_size is not None and (
-            not isinstance(ascent_batch_size, int) or ascent_batch_size < 1
+            isinstance(ascent_batch_size, bool)
+            or not isinstance(ascent_batch_size, (int, np.integer))
+            or ascent_batch_size < 1
         ):
             raise ValueError(
                 "`Trainer(ascent_batch_size=...)` must be an int >= 1 or None,"
@@ -251,7 +259,9 @@ class Trainer:
         self.loss_fn = loss_fn
         self._value_and_grad = value_and_grad(loss_fn, has_state)
         self.has_state = has_state
-        self.ascent_batch_size = ascent_batch_size
+        self.ascent_batch_size = (
+            None if ascent_batch_size is None else int(ascent_batch_size)
+        )
         self.mesh: Mesh | None = None
         self.batch_axis = batch_axis
         if isinstance(descent_device, Mesh):
@@ -348,6 +358,11 @@ class Trainer:
           of the descent pass, on the descent device; AsyncSAM and SAMPa add
           ``metrics["ascent_grad_norm"]``, on the ascent device.
         """
+        if not isinstance(state, TrainerState):
+            raise TypeError(
+                "`Trainer.step(state=...)` must be the TrainerState from `init` or"
+                f" the previous step, got {type(state).__name__}."
+            )
         if self.mesh is None:
             size = _batch_size(batch)
         else:
