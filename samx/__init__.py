@@ -8,8 +8,11 @@ demand.
 import importlib.metadata as _metadata
 
 from samx import diagnostics as diagnostics
+from samx._accumulate import microbatched as microbatched
 from samx._async_sam import AsyncSAMState as AsyncSAMState
 from samx._async_sam import async_sam as async_sam
+from samx._nonfinite import SkipNonfiniteState as SkipNonfiniteState
+from samx._nonfinite import skip_nonfinite as skip_nonfinite
 from samx._sam import SAMState as SAMState
 from samx._sam import sam as sam
 from samx._sampa import SAMPaState as SAMPaState
@@ -24,8 +27,11 @@ __all__ = (
     "AsyncSAMState",
     "SAMPaState",
     "SAMState",
+    "SkipNonfiniteState",
     "async_sam",
     "diagnostics",
+    "microbatched",
     "sam",
     "sampa",
+    "skip_nonfinite",
 )

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from samx import _checks, _perturb
+from samx import _checks, _nonfinite, _perturb
 
 
 class AsyncSAMState(NamedTuple):
@@ -19,7 +19,7 @@ class AsyncSAMState(NamedTuple):
       base_state: the state of the wrapped base optimizer.
       ascent_grad: the ascent gradient of the previous step, ``a_{t-1}``, a
         tree like the parameters with their dtypes; zeros before the first
-        step.
+        step, and after a step whose ascent gradient was not finite.
     """
 
     count: jax.Array
@@ -66,6 +66,16 @@ def async_sam(
     ``i = 0``. Extra arguments other than ``grad_fn`` are forwarded to ``base``
     (which ignores those it does not know). The stored ascent gradient is cast
     to each parameter's dtype.
+
+    **Non-finite ascent gradients.** A stored gradient is never non-finite: if
+    ``a`` (after the cast) has a NaN or an infinity in any entry, zeros are
+    stored instead, so the next step's perturbation is zero (a plain step of
+    ``base``) and the step after it is a normal AsyncSAM step again. One bad
+    ascent batch does not poison the state for ever. The check is one flag
+    over the tree, selected with ``jnp.where`` (no host synchronisation). The
+    current step is not affected: its descent does not use ``a``. To skip
+    steps whose descent gradient is not finite, wrap the transform in
+    :func:`samx.skip_nonfinite`.
 
     **ASAM** (``adaptive=True``) scales the perturbation as
     :func:`samx.sam` does, ``T = |x| + eta`` with ``x`` the current
@@ -120,6 +130,7 @@ def async_sam(
     )
 
     def init_fn(params: optax.Params) -> AsyncSAMState:
+        _checks.require_params(fn, params, "init")
         return AsyncSAMState(
             count=jnp.zeros((), jnp.int32),
             base_state=base.init(params),
@@ -134,6 +145,7 @@ def async_sam(
         grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AsyncSAMState]:
+        _checks.check_state(fn, state, AsyncSAMState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)
         _checks.check_like_params(fn, "`updates`", updates, params)
@@ -150,8 +162,10 @@ def async_sam(
         )
         descent = grad_fn(perturbed, 0)
         _checks.check_like_params(fn, "the result of `grad_fn`", descent, params)
-        ascent_grad = jax.tree.map(
-            lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)), updates, params
+        ascent_grad = _nonfinite.zeros_if_nonfinite(
+            jax.tree.map(
+                lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)), updates, params
+            )
         )
         updates, base_state = base.update(
             descent, state.base_state, params, **extra_args

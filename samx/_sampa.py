@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from samx import _checks, _perturb
+from samx import _checks, _nonfinite, _perturb
 
 
 class SAMPaState(NamedTuple):
@@ -19,7 +19,7 @@ class SAMPaState(NamedTuple):
       base_state: the state of the wrapped base optimizer.
       aux_grad: the gradient at the auxiliary point, ``g_t = grad f(y_t)``, a
         tree like the parameters with their dtypes; zeros before the first
-        step.
+        step, and after a step where it was not finite.
     """
 
     count: jax.Array
@@ -63,6 +63,18 @@ def sampa(
     Extra arguments other than ``grad_fn`` are forwarded to both calls of
     ``base`` (which ignores those it does not know). The stored gradient is
     cast to each parameter's dtype.
+
+    **Non-finite auxiliary gradients.** If the new ``g = grad_fn(y, 1)`` has
+    a NaN or an infinity in any entry, it is replaced by zeros, both in this
+    step's descent (which is then ``d = (1 - lam) * G``) and in the state (so
+    is a stored gradient that overflows in the parameters' dtype). The stored
+    gradient is therefore never non-finite: the next step has no perturbation
+    (``x_pert = params``) and the step after it is a normal SAMPa step again,
+    instead of one bad auxiliary point poisoning the state for ever. The check
+    is one flag over the tree, selected with ``jnp.where`` (no host
+    synchronisation). A non-finite ``G = grad_fn(x_pert, 0)`` still gives
+    non-finite updates: wrap the transform in :func:`samx.skip_nonfinite` to
+    skip such steps.
 
     **Batches.** As in the official code, ``grad_fn(p, 0)`` should evaluate on
     the batch that produced the stored gradient ``g``, the previous step's
@@ -117,6 +129,7 @@ def sampa(
     _checks.check_scalar(fn, "lam", lam, high=1.0)
 
     def init_fn(params: optax.Params) -> SAMPaState:
+        _checks.require_params(fn, params, "init")
         return SAMPaState(
             count=jnp.zeros((), jnp.int32),
             base_state=base.init(params),
@@ -132,6 +145,7 @@ def sampa(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMPaState]:
         del updates  # both gradients come from grad_fn
+        _checks.check_state(fn, state, SAMPaState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)
         g = state.aux_grad
@@ -149,6 +163,8 @@ def sampa(
         )
         aux_grad = grad_fn(aux_point, 1)
         _checks.check_like_params(fn, "the result of `grad_fn(_, 1)`", aux_grad, params)
+        # A non-finite g_{t+1} is replaced by zeros, in the descent and the state.
+        aux_grad = _nonfinite.zeros_if_nonfinite(aux_grad)
         lam_t = _perturb.hparam_value(lam, state.count)
         descent = jax.tree.map(
             lambda a, b: (
@@ -164,10 +180,12 @@ def sampa(
         return updates, SAMPaState(
             count=_perturb.increment(state.count),
             base_state=base_state,
-            aux_grad=jax.tree.map(
-                lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)),
-                aux_grad,
-                params,
+            aux_grad=_nonfinite.zeros_if_nonfinite(
+                jax.tree.map(
+                    lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)),
+                    aux_grad,
+                    params,
+                )
             ),
         )
 

@@ -179,25 +179,6 @@ def _construction_cases(name):
 # -- the transforms: init and update -------------------------------------------
 
 
-def _init_fix(name):
-    if name == "sam":
-        return None
-    return (
-        f"samx/_{name}.py init_fn: call `_checks.require_params(fn, params,"
-        ' "init")` first.'
-    )
-
-
-def _state_fix(name):
-    if name == "sam":
-        return None
-    state = {"async_sam": "AsyncSAMState", "sampa": "SAMPaState"}[name]
-    return (
-        f"samx/_{name}.py update_fn: call `_checks.check_state(fn, state, {state})`"
-        " first."
-    )
-
-
 def _update_cases(name):
     fn = rf"samx\.{name}"
     result = r"the result of `grad_fn(\(_, 0\))?`"
@@ -211,7 +192,6 @@ def _update_cases(name):
             {},
             ValueError,
             rf"{fn}: `init` needs the current `params`.*got None",
-            _init_fix(name),
         ),
         _case(
             "init-params-str-leaf",
@@ -220,7 +200,6 @@ def _update_cases(name):
             {},
             TypeError,
             rf"{fn}: `params` leaf \['w'\] must be an array.*got str",
-            _init_fix(name),
         ),
         _case(
             "update-params-none",
@@ -245,7 +224,6 @@ def _update_cases(name):
             {"state": optax.sgd(0.1).init(PARAMS)},
             TypeError,
             rf"{fn}: `update` needs the state that this transform's `init` returned",
-            _state_fix(name),
         ),
         _case(
             "grad_fn-missing",
@@ -641,7 +619,6 @@ POINTS_CASES = [
         {},
         TypeError,
         r"samx\.sampa: `update` needs the state that this transform's `init`",
-        _state_fix("sampa"),
     ),
 ]
 

@@ -1,0 +1,161 @@
+"""Non-finite gradients: detection, and a wrapper that skips the bad steps."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from samx import _perturb
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """A bool scalar: whether every floating entry of ``tree`` is finite.
+
+    Leaves that are not floating point (step counters, keys) are skipped. The
+    result stays on the device: no host synchronisation.
+    """
+    flags = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.logical_and.reduce(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def zeros_if_nonfinite(tree: Any) -> Any:
+    """``tree``, or zeros like it if any of its entries is NaN or infinite.
+
+    One flag for the whole tree, selected with ``jnp.where`` (no ``lax.cond``,
+    no host synchronisation); dtypes are kept.
+    """
+    ok = all_finite(tree)
+    return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`samx.skip_nonfinite`.
+
+    Attributes:
+      inner_state: the state of the wrapped transform; left as it was by a
+        skipped step.
+      notfinite_count: the number of consecutive skipped steps, an int32
+        scalar; 0 after a good step.
+      total_notfinite: the number of skipped steps since ``init``, an int32
+        scalar (saturating at the int32 maximum).
+    """
+
+    inner_state: optax.OptState
+    notfinite_count: jax.Array
+    total_notfinite: jax.Array
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips a step whose *output* updates or new state are not finite.
+
+    Runs ``inner.update`` every step, then checks its result: if the updates it
+    returns, or the new inner state, hold a NaN or an infinity, the step returns
+    zero updates and keeps the *old* inner state, and the counters go up::
+
+      new_updates, new_inner = inner.update(updates, inner_state, params, ...)
+      ok = all_finite(new_updates) and all_finite(new_inner)
+      updates = new_updates if ok else zeros
+      inner_state = new_inner if ok else inner_state
+
+    The selection is made with ``jnp.where`` on one flag, not ``lax.cond``: the
+    inner update (and so ``grad_fn``) runs at the caller's trace level, so the
+    gradient functions that record or capture values (e.g. a forward pass that
+    also returns model statistics) behave as without the wrapper, and nothing
+    waits on the host. The cost is one reduction over the updates and the state
+    per step; a skipped step still costs a full step.
+
+    **Compared with** ``optax.apply_if_finite``: that wrapper checks the
+    *input* updates only, and skips through ``lax.cond``. For the samx
+    transforms the input is not the whole story: SAM's descent gradient
+    ``grad_fn(params + e, 0)`` is evaluated at a perturbed point and can be
+    non-finite (e.g. a bfloat16 overflow there) while the input gradient is
+    finite, and SAMPa does not read its input at all. ``skip_nonfinite`` checks
+    what the step produces, so it catches both. It has no
+    ``max_consecutive_errors``: it never applies a non-finite update; watch
+    ``notfinite_count`` to stop a run that keeps failing.
+    ``optax.apply_if_finite(samx.async_sam(...), n)`` still works for a
+    non-finite *input* (the ascent gradient).
+
+    The extra keyword arguments of ``update`` (``grad_fn``, ...) are forwarded
+    to ``inner``.
+
+    Args:
+      inner: the transform to guard, e.g. ``samx.sam(optax.sgd(0.1))``, or a
+        chain that contains one.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`. Its state is a
+      :class:`samx.SkipNonfiniteState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, samx
+      >>> params = jnp.array([1.0, 2.0])
+      >>> tx = samx.skip_nonfinite(samx.sam(optax.sgd(0.1), rho=0.05))
+      >>> state = tx.init(params)
+      >>> bad = lambda p, i: jnp.array([jnp.nan, 0.0])  # NaN at the perturbed point
+      >>> updates, state = tx.update(params, state, params, grad_fn=bad)
+      >>> print(updates, state.notfinite_count, state.total_notfinite)
+      [0. 0.] 1 1
+      >>> good = lambda p, i: jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(params, state, params, grad_fn=good)
+      >>> print(updates, state.notfinite_count, state.total_notfinite)
+      [-0.1  0.2] 0 1
+
+    References:
+      ``optax.apply_if_finite``, the input-checking counterpart, in `Optax
+      <https://optax.readthedocs.io/en/latest/api/optimizer_wrappers.html>`_
+    """
+    if not (
+        callable(getattr(inner, "init", None))
+        and callable(getattr(inner, "update", None))
+    ):
+        raise TypeError(
+            "`samx.skip_nonfinite(inner=...)` must be an optax transform with"
+            " `init` and `update` (e.g. `samx.sam(optax.sgd(0.1))`), got"
+            f" {type(inner).__name__}."
+        )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: optax.Params) -> SkipNonfiniteState:
+        return SkipNonfiniteState(
+            inner_state=inner.init(params),
+            notfinite_count=jnp.zeros((), jnp.int32),
+            total_notfinite=jnp.zeros((), jnp.int32),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SkipNonfiniteState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SkipNonfiniteState]:
+        new_updates, new_inner = inner.update(
+            updates, state.inner_state, params, **extra_args
+        )
+        ok = jnp.logical_and(all_finite(new_updates), all_finite(new_inner))
+        new_updates = jax.tree.map(
+            lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates
+        )
+        new_inner = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old), new_inner, state.inner_state
+        )
+        return new_updates, SkipNonfiniteState(
+            inner_state=new_inner,
+            notfinite_count=jnp.where(
+                ok,
+                jnp.zeros((), jnp.int32),
+                _perturb.increment(state.notfinite_count),
+            ),
+            total_notfinite=jnp.where(
+                ok, state.total_notfinite, _perturb.increment(state.total_notfinite)
+            ),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

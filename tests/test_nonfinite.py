@@ -1,0 +1,343 @@
+"""Non-finite gradients: the stored-gradient policy, samx.skip_nonfinite."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _testing import mlp_problem
+
+import samx
+
+BAD = 2  # the step with the non-finite gradient
+STEPS = 5
+
+
+def _problem(seed):
+    params, loss, sample = mlp_problem(jax.random.key(seed), batch=16)
+    batches = [sample(k) for k in jax.random.split(jax.random.key(seed + 1), STEPS)]
+    return params, jax.grad(loss), batches
+
+
+def _quarter(batch):
+    return jax.tree.map(lambda x: x[: x.shape[0] // 4], batch)
+
+
+def _poison(tree, bad, value):
+    """``tree`` with ``value`` in one entry of one leaf when ``bad``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    last = leaves[-1]
+    leaves[-1] = last.at[(0,) * last.ndim].set(jnp.where(bad, value, last.ravel()[0]))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _assert_trees_close(a, b, tol, msg=""):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol, err_msg=msg)
+
+
+def _all_finite(tree):
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+# --- AsyncSAM: a non-finite ascent gradient is stored as zeros ---------------
+
+
+def _async_reference(base, params, grad, batches, rho, bad_step):
+    """AsyncSAM as ALGORITHMS.md writes it; a_t := 0 at ``bad_step``."""
+
+    @jax.jit
+    def step(params, state, previous, batch, bad):
+        ascent = grad(params, _quarter(batch))
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(previous)))
+        perturbed = jax.tree.map(
+            lambda p, x: p + rho * x / (norm + 1e-12), params, previous
+        )
+        updates, state = base.update(grad(perturbed, batch), state, params)
+        ascent = jax.tree.map(lambda a: jnp.where(bad, 0.0, a), ascent)
+        return optax.apply_updates(params, updates), state, ascent
+
+    state = base.init(params)
+    previous = jax.tree.map(jnp.zeros_like, params)
+    trajectory = []
+    for t, batch in enumerate(batches):
+        params, state, previous = step(params, state, previous, batch, t == bad_step)
+        trajectory.append(params)
+    return trajectory
+
+
+def test_async_sam_nan_ascent_does_not_poison_the_state():
+    params, grad, batches = _problem(0)
+    rho = 0.05
+    tx = samx.async_sam(optax.sgd(0.1, momentum=0.9), rho=rho)
+
+    @jax.jit
+    def step(params, state, batch, bad):
+        ascent = _poison(grad(params, _quarter(batch)), bad, jnp.nan)
+        updates, state = tx.update(
+            ascent, state, params, grad_fn=lambda p, i: grad(p, batch)
+        )
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    ours = []
+    for t, batch in enumerate(batches):
+        params, state = step(params, state, batch, t == BAD)
+        ours.append(params)
+        if t == BAD:  # the whole stored tree is zero, not only the bad entry
+            assert all(np.all(x == 0) for x in jax.tree.leaves(state.ascent_grad))
+    assert _all_finite(ours) and _all_finite(state)
+    base = optax.sgd(0.1, momentum=0.9)
+    start = _problem(0)[0]
+    theirs = _async_reference(base, start, grad, batches, rho, BAD)
+    for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        _assert_trees_close(a, b, 1e-5, f"step {t}")
+    # The comparison can fail: with a_BAD kept, step BAD + 1 is not a plain step.
+    kept = _async_reference(base, start, grad, batches, rho, bad_step=-1)
+    assert not np.allclose(kept[BAD + 1]["layer0"]["w"], ours[BAD + 1]["layer0"]["w"])
+
+
+def test_async_sam_stored_gradient_that_overflows_its_dtype_is_zero():
+    # 1e6 is finite in float32 and infinite in float16.
+    params = {"w": jnp.ones(3, jnp.float16), "b": jnp.ones(2, jnp.float32)}
+    tx = samx.async_sam(optax.sgd(0.1), rho=0.05)
+    big = {"w": jnp.full(3, 1e6, jnp.float32), "b": jnp.ones(2, jnp.float32)}
+    _, state = tx.update(big, tx.init(params), params, grad_fn=lambda p, i: p)
+    assert state.ascent_grad["w"].dtype == jnp.float16
+    assert all(np.all(x == 0) for x in jax.tree.leaves(state.ascent_grad))
+
+
+# --- SAMPa: a non-finite auxiliary gradient is replaced by zeros -------------
+
+
+def _sampa_reference(base, params, grad, batches, rho, lam, bad_step):
+    """SAMPa as ALGORITHMS.md writes it; g_{t+1} := 0 at ``bad_step``."""
+
+    @jax.jit
+    def step(params, state, g, previous, batch, first, bad):
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+        perturbed = jax.tree.map(lambda p, x: p + rho * x / (norm + 1e-12), params, g)
+        dry_run, _ = base.update(g, state, params)
+        y = optax.apply_updates(params, dry_run)
+        y = jax.tree.map(lambda p, q: jnp.where(first, p, q), params, y)
+        big_g = grad(perturbed, previous)
+        g = jax.tree.map(lambda a: jnp.where(bad, 0.0, a), grad(y, batch))
+        d = jax.tree.map(lambda a, b: (1 - lam) * a + lam * b, big_g, g)
+        updates, state = base.update(d, state, params)
+        return optax.apply_updates(params, updates), state, g
+
+    state = base.init(params)
+    g = jax.tree.map(jnp.zeros_like, params)
+    trajectory = []
+    for t, batch in enumerate(batches):
+        previous = batches[max(t - 1, 0)]
+        params, state, g = step(
+            params, state, g, previous, batch, t == 0, t == bad_step
+        )
+        trajectory.append(params)
+    return trajectory
+
+
+@pytest.mark.parametrize("lam", [0.2, 0.0])
+def test_sampa_nan_auxiliary_gradient_recovers(lam):
+    start, grad, batches = _problem(2)
+    rho = 0.1
+    tx = samx.sampa(optax.sgd(0.1, momentum=0.9), rho=rho, lam=lam)
+
+    @jax.jit
+    def step(params, state, previous, batch, bad):
+        def grad_fn(p, i):
+            if i == 0:
+                return grad(p, previous)
+            return _poison(grad(p, batch), bad, jnp.nan)
+
+        updates, state = tx.update(None, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    params, state = start, tx.init(start)
+    ours = []
+    for t, batch in enumerate(batches):
+        params, state = step(params, state, batches[max(t - 1, 0)], batch, t == BAD)
+        ours.append(params)
+        if t == BAD:
+            assert all(np.all(x == 0) for x in jax.tree.leaves(state.aux_grad))
+    assert _all_finite(ours) and _all_finite(state)
+    base = optax.sgd(0.1, momentum=0.9)
+    theirs = _sampa_reference(base, start, grad, batches, rho, lam, BAD)
+    for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        _assert_trees_close(a, b, 1e-5, f"step {t}")
+    # The comparison can fail: a normal run goes elsewhere after BAD.
+    normal = _sampa_reference(base, start, grad, batches, rho, lam, bad_step=-1)
+    assert not np.allclose(normal[BAD + 1]["layer0"]["w"], ours[BAD + 1]["layer0"]["w"])
+
+
+# --- samx.skip_nonfinite --------------------------------------------------------
+
+
+def _run(tx, start, grad, batches, bad_step, nan_in="descent", ascent=None):
+    """A jitted trajectory; at ``bad_step`` one entry of a gradient is NaN."""
+    ascent = ascent or (lambda b: b)
+
+    @jax.jit
+    def step(params, state, batch, bad):
+        grads = grad(params, ascent(batch))
+        if nan_in == "input":
+            grads = _poison(grads, bad, jnp.nan)
+
+        def grad_fn(p, i):
+            d = grad(p, batch)
+            return _poison(d, bad, jnp.nan) if nan_in == "descent" else d
+
+        updates, new_state = tx.update(grads, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), new_state, updates
+
+    params, state = start, tx.init(start)
+    trajectory, states, updates = [], [state], []
+    for t, batch in enumerate(batches):
+        params, state, u = step(params, state, batch, t == bad_step)
+        trajectory.append(params)
+        states.append(state)
+        updates.append(u)
+    return trajectory, states, updates
+
+
+def test_skip_nonfinite_skips_a_nan_descent_gradient_with_a_finite_input():
+    start, grad, batches = _problem(4)
+    inner = samx.sam(optax.adam(1e-2), rho=0.05)
+    tx = samx.skip_nonfinite(inner)
+    ours, states, updates = _run(tx, start, grad, batches, BAD)
+    # The bad step: zero updates, params unchanged, inner state unchanged.
+    assert all(np.all(u == 0) for u in jax.tree.leaves(updates[BAD]))
+    _assert_trees_close(ours[BAD], ours[BAD - 1], 0.0)
+    _assert_trees_close(states[BAD + 1].inner_state, states[BAD].inner_state, 0.0)
+    counters = [(int(s.notfinite_count), int(s.total_notfinite)) for s in states]
+    assert counters == [(0, 0), (0, 0), (0, 0), (1, 1), (0, 1), (0, 1)]
+    for s in states[1:]:
+        assert s.notfinite_count.dtype == s.total_notfinite.dtype == jnp.int32
+    # ... and training goes on as if the bad batch had not been there.
+    good = [b for t, b in enumerate(batches) if t != BAD]
+    plain, _, _ = _run(inner, start, grad, good, bad_step=-1)
+    _assert_trees_close(ours[-1], plain[-1], 1e-6)
+    # The input gradient was finite: optax.apply_if_finite would not have helped.
+    unguarded, _, _ = _run(inner, start, grad, batches, BAD)
+    assert not _all_finite(unguarded[BAD])
+
+
+def test_skip_nonfinite_skips_a_step_whose_new_state_is_not_finite():
+    # A transform with finite updates but a non-finite state.
+    def update(updates, state, params=None):
+        return jax.tree.map(jnp.zeros_like, updates), {"s": state["s"] / updates}
+
+    inner = optax.GradientTransformation(lambda p: {"s": jnp.ones_like(p)}, update)
+    tx = samx.skip_nonfinite(inner)
+    params = jnp.ones(2)
+    state = tx.init(params)
+    _, state = tx.update(jnp.array([1.0, 0.0]), state, params)  # 1 / 0 = inf
+    np.testing.assert_array_equal(state.inner_state["s"], [1.0, 1.0])
+    assert int(state.notfinite_count) == 1
+    _, state = tx.update(jnp.array([2.0, 4.0]), state, params)
+    np.testing.assert_array_equal(state.inner_state["s"], [0.5, 0.25])
+    assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 1
+
+
+def test_skip_nonfinite_uses_no_cond_and_keeps_dtypes_under_strict_promotion():
+    params = {"w": jnp.ones((3, 2), jnp.bfloat16), "b": jnp.ones(2, jnp.float32)}
+    tx = samx.skip_nonfinite(samx.async_sam(optax.sgd(0.1), rho=jnp.float32(0.05)))
+    state = tx.init(params)
+
+    def update(state, params):
+        return tx.update(params, state, params, grad_fn=lambda q, i: q)
+
+    with jax.numpy_dtype_promotion("strict"):
+        updates, new_state = jax.jit(update)(state, params)
+        jaxpr = str(jax.make_jaxpr(update)(state, params))
+    dtypes = lambda t: jax.tree.map(jnp.result_type, t)  # noqa: E731
+    assert dtypes(updates) == dtypes(params)
+    assert dtypes(new_state) == dtypes(state)
+    assert "cond[" not in jaxpr
+    # The check can fail: optax.apply_if_finite does use lax.cond.
+    other = optax.apply_if_finite(optax.sgd(0.1), 2)
+    assert "cond[" in str(
+        jax.make_jaxpr(lambda s, p: other.update(p, s, p))(other.init(params), params)
+    )
+
+
+COMPOSED = {
+    "chain-outside": (
+        lambda: optax.chain(
+            optax.clip_by_global_norm(1.0),
+            samx.skip_nonfinite(samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)),
+        ),
+        lambda: optax.chain(
+            optax.clip_by_global_norm(1.0),
+            samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05),
+        ),
+        lambda s: s[1],
+    ),
+    "chain-inside": (
+        lambda: samx.skip_nonfinite(
+            optax.chain(
+                samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05),
+                optax.clip_by_global_norm(0.05),
+            )
+        ),
+        lambda: optax.chain(
+            samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05),
+            optax.clip_by_global_norm(0.05),
+        ),
+        lambda s: s,
+    ),
+    "inject-inside": (
+        lambda: samx.skip_nonfinite(
+            optax.inject_hyperparams(samx.sam)(optax.adam(1e-2), rho=0.05)
+        ),
+        lambda: optax.inject_hyperparams(samx.sam)(optax.adam(1e-2), rho=0.05),
+        lambda s: s,
+    ),
+    "inject-outside": (
+        lambda: optax.inject_hyperparams(
+            lambda rho: samx.skip_nonfinite(samx.sam(optax.adam(1e-2), rho=rho))
+        )(rho=0.05),
+        lambda: optax.inject_hyperparams(
+            lambda rho: samx.sam(optax.adam(1e-2), rho=rho)
+        )(rho=0.05),
+        lambda s: s.inner_state,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSED))
+def test_skip_nonfinite_composes(name):
+    guarded, plain, skip_state = COMPOSED[name]
+    start, grad, batches = _problem(6)
+    batches = batches[:4]
+    ours, states, _ = _run(guarded(), start, grad, batches, BAD)
+    _assert_trees_close(ours[BAD], ours[BAD - 1], 0.0)
+    assert int(skip_state(states[BAD + 1]).notfinite_count) == 1
+    assert int(skip_state(states[-1]).total_notfinite) == 1
+    good = [b for t, b in enumerate(batches) if t != BAD]
+    theirs, _, _ = _run(plain(), start, grad, good, bad_step=-1)
+    _assert_trees_close(ours[-1], theirs[-1], 1e-6)
+
+
+def test_apply_if_finite_around_async_sam_skips_a_nan_ascent_input():
+    start, grad, batches = _problem(8)
+    inner = samx.async_sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=3)
+    ours, states, updates = _run(
+        tx, start, grad, batches, BAD, nan_in="input", ascent=_quarter
+    )
+    assert all(np.all(u == 0) for u in jax.tree.leaves(updates[BAD]))
+    assert int(states[-1].total_notfinite) == 1
+    good = [b for t, b in enumerate(batches) if t != BAD]
+    theirs, _, _ = _run(inner, start, grad, good, bad_step=-1, ascent=_quarter)
+    _assert_trees_close(ours[-1], theirs[-1], 1e-6)
+
+
+def test_skip_nonfinite_rejects_what_is_not_a_transform():
+    with pytest.raises(TypeError, match=re.escape("samx.skip_nonfinite(inner=...)")):
+        samx.skip_nonfinite(samx.sam)
+    with pytest.raises(TypeError, match=re.escape("samx.skip_nonfinite(inner=...)")):
+        samx.skip_nonfinite("sam")
