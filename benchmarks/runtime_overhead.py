@@ -21,17 +21,14 @@ import statistics
 import time
 
 import jax
+import numpy as np
+import optax
+from step_time import machine, write_json
 
-jax.config.update("jax_num_cpu_devices", 2)
-
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from step_time import machine, write_json  # noqa: E402
-
-import samx  # noqa: E402
-from samx.examples import models  # noqa: E402
-from samx.examples.train import classification_loss  # noqa: E402
-from samx.runtime import Trainer  # noqa: E402
+import samx
+from samx.examples import models
+from samx.examples.train import classification_loss
+from samx.runtime import Trainer
 
 TRANSFORMS = {
     "sgd": lambda: optax.sgd(0.05, momentum=0.9),
@@ -168,4 +165,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    # Two CPU devices for the two-device rows; set before JAX starts (importers,
+    # e.g. the tests, configure their own devices).
+    jax.config.update("jax_num_cpu_devices", 2)
     main()
