@@ -22,6 +22,11 @@ def _split(num_microbatches: int, batch: Any) -> Any:
     sizes = {}
     for path, leaf in leaves:
         name = jax.tree_util.keystr(path) or "the batch"
+        if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float, complex)):
+            raise TypeError(
+                f"samx.microbatched: every leaf of `batch` must be an array, but"
+                f" leaf {name} is a {type(leaf).__name__}."
+            )
         if np.ndim(leaf) == 0:
             raise ValueError(
                 f"samx.microbatched: every leaf of `batch` is split along axis 0,"
@@ -147,10 +152,10 @@ def microbatched(
         )
         for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                where = f" leaf {jax.tree_util.keystr(path)}" if path else ""
                 raise TypeError(
                     "samx.microbatched: `fn` must return floating arrays to"
-                    f" average, but its output leaf {jax.tree_util.keystr(path)}"
-                    f" has dtype {leaf.dtype}."
+                    f" average, but its output{where} has dtype {leaf.dtype}."
                 )
 
         def acc_dtype(leaf):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from samx import _perturb
+from samx import _checks, _perturb
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -136,6 +136,7 @@ def skip_nonfinite(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SkipNonfiniteState]:
+        _checks.check_state("samx.skip_nonfinite", state, SkipNonfiniteState)
         new_updates, new_inner = inner.update(
             updates, state.inner_state, params, **extra_args
         )

@@ -7,6 +7,7 @@ its batch; it is a static (Python) argument, so jit a function that closes
 over it, e.g. ``jax.jit(lambda p: sharpness(loss_fn, p, 0.05))``.
 """
 
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +39,19 @@ def _check_loss_fn(fn: str, loss_fn: Any) -> None:
             f"`{fn}(loss_fn=...)` must be a callable `loss_fn(params) -> scalar`"
             f" (close over the batch), got {type(loss_fn).__name__}."
         )
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # e.g. a builtin without a signature
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+        raise TypeError(
+            f"`{fn}(loss_fn=...)` is called as `loss_fn(params)`, but"
+            f" `{name}{signature}` does not take one positional argument: close"
+            " over the batch, e.g. `loss_fn=lambda p: loss(p, batch)`."
+        ) from None
 
 
 def _check_params(fn: str, params: Any) -> None:
@@ -47,10 +61,10 @@ def _check_params(fn: str, params: Any) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            where = f"leaf {jax.tree_util.keystr(path)}" if path else "it"
             raise TypeError(
                 f"`{fn}(params=...)` must be a tree of floating-point arrays, but"
-                f" leaf {jax.tree_util.keystr(path)} is"
-                f" {getattr(dtype, 'name', type(leaf).__name__)}."
+                f" {where} is {getattr(dtype, 'name', type(leaf).__name__)}."
             )
 
 
@@ -81,7 +95,22 @@ def _check_key(fn: str, key: Any) -> None:
 
 
 def _check_1d(fn: str, name: str, values: Any) -> None:
-    shape = jnp.shape(values)
+    array = values
+    if not isinstance(values, jax.Array):  # a traced value is a jax.Array too
+        try:
+            array = np.asarray(values)
+        except (TypeError, ValueError):  # e.g. a ragged list
+            array = np.asarray(None)
+    if not (
+        jnp.issubdtype(array.dtype, jnp.floating)
+        or jnp.issubdtype(array.dtype, jnp.integer)
+    ):
+        raise TypeError(
+            f"`{fn}({name}=...)` must be a 1-D array of step sizes (numbers), got"
+            f" {_describe(values)}"
+            + (" of non-numbers." if isinstance(values, (list, tuple)) else ".")
+        )
+    shape = jnp.shape(array)
     if len(shape) != 1:
         raise ValueError(
             f"`{fn}({name}=...)` must be a 1-D array of step sizes, got shape {shape}."
@@ -129,9 +158,24 @@ def _scalar_loss(fn: str, loss_fn: Any) -> Any:
 
     def f(params: Any) -> jax.Array:
         out = loss_fn(params)
+        if not hasattr(out, "dtype") and not isinstance(out, (int, float)):
+            hint = (
+                " (a `(loss, aux)` pair? return the loss only)"
+                if isinstance(out, (tuple, list))
+                else ""
+            )
+            raise TypeError(
+                f"`{fn}(loss_fn=...)` must return a scalar array, got"
+                f" {type(out).__name__}{hint}."
+            )
         if jnp.shape(out) != ():
             raise ValueError(
                 f"`{fn}(loss_fn=...)` must return a scalar, got shape {jnp.shape(out)}."
+            )
+        if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
+            raise TypeError(
+                f"`{fn}(loss_fn=...)` must return a floating-point scalar (its"
+                f" gradient is taken), got dtype {jnp.result_type(out)}."
             )
         return jnp.asarray(out, jnp.float32)
 

@@ -33,6 +33,31 @@ def check_loss_fn(fn: str, loss_fn: Any) -> None:
         )
 
 
+def check_flag(fn: str, name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{fn}({name}=...)` must be True or False, got"
+            f" {type(value).__name__} {value!r}."
+        )
+
+
+def check_ascent_batch_size(fn: str, value: Any) -> None:
+    """Checks a static ``ascent_batch_size``: None or an int ``>= 1``."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+    ):
+        raise ValueError(
+            f"`{fn}(ascent_batch_size=...)` must be an int >= 1 or None, got {value!r}."
+        )
+
+
+def describe(x: Any) -> str:
+    """What ``x`` is, for an error message: ``tuple``, or an array's shape."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"an array of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
 def check_batch(fn: str, name: str, batch: Any) -> int:
     """Checks that every leaf of ``batch`` has the same leading (batch) axis."""
     leaves = jax.tree_util.tree_leaves_with_path(batch)
@@ -45,6 +70,13 @@ def check_batch(fn: str, name: str, batch: Any) -> int:
     for path, leaf in leaves:
         shape = np.shape(leaf)
         where = jax.tree_util.keystr(path) or "the batch"
+        if not hasattr(leaf, "shape") and not isinstance(
+            leaf, (bool, int, float, complex)
+        ):
+            raise TypeError(
+                f"`{fn}({name}=...)` must be a pytree of arrays; {where} is a"
+                f" {type(leaf).__name__}."
+            )
         if len(shape) == 0:
             raise ValueError(
                 f"`{fn}({name}=...)` must have a leading batch axis on every leaf;"
@@ -119,7 +151,7 @@ def split_output(fn: str, out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError(
                 f"{fn}: with `has_aux=True`, `loss_fn` must return a pair"
-                f" `(loss, aux)`, got {type(out).__name__}."
+                f" `(loss, aux)`, got {describe(out)}."
             )
         loss, aux = out
     else:

@@ -43,6 +43,19 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any = struct.field(default_factory=dict)
 
+    @classmethod
+    def create(cls, *, apply_fn: Any, params: Any, tx: Any, **kwargs: Any) -> Any:
+        """``TrainState.create``, with ``tx`` and ``params`` checked first."""
+        fn = "samx.flax.TrainState.create"
+        _checks.check_base(fn, tx, "tx")
+        if params is None:
+            raise ValueError(
+                f"`{fn}(params=...)` must be the model's parameters, a tree of"
+                " arrays, got None."
+            )
+        _checks.require_params(fn, params, "create")
+        return super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+
 
 def _check_state(fn: str, state: Any) -> None:
     missing = [
@@ -186,8 +199,32 @@ def linen_grads(
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
     """
-    fn = "samx.flax.linen_grads"
+    return _grads(
+        "samx.flax.linen_grads",
+        loss_fn,
+        state,
+        batch,
+        has_aux=has_aux,
+        prev_batch=prev_batch,
+        ascent_batch=ascent_batch,
+        ascent_batch_size=ascent_batch_size,
+    )
+
+
+def _grads(
+    fn: str,
+    loss_fn: Callable[..., Any],
+    state: Any,
+    batch: Any,
+    *,
+    has_aux: bool,
+    prev_batch: Any,
+    ascent_batch: Any,
+    ascent_batch_size: int | None,
+) -> tuple[Any, _common.DescentGradFn]:
+    """:func:`linen_grads`, its errors named after ``fn``, the function called."""
     _common.check_loss_fn(fn, loss_fn)
+    _common.check_flag(fn, "has_aux", has_aux)
     _check_state(fn, state)
     if not hasattr(state, "batch_stats"):
         raise TypeError(
@@ -205,7 +242,7 @@ def linen_grads(
             if not has_aux:
                 want = "(loss, new_batch_stats)"
             raise ValueError(
-                f"{fn}: `loss_fn` must return `{want}`, got {type(out).__name__}."
+                f"{fn}: `loss_fn` must return `{want}`, got {_common.describe(out)}."
             )
         loss, rest = out
         if has_aux:
@@ -311,7 +348,8 @@ def linen_train_step(
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
     """
-    grads, grad_fn = linen_grads(
+    grads, grad_fn = _grads(
+        "samx.flax.linen_train_step",
         loss_fn,
         state,
         batch,
@@ -374,7 +412,10 @@ def make_linen_train_step(
       Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
       <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
     """
-    _common.check_loss_fn("samx.flax.make_linen_train_step", loss_fn)
+    fn = "samx.flax.make_linen_train_step"
+    _common.check_loss_fn(fn, loss_fn)
+    _common.check_flag(fn, "has_aux", has_aux)
+    _common.check_ascent_batch_size(fn, ascent_batch_size)
     step = functools.partial(
         linen_train_step,
         loss_fn=loss_fn,

@@ -18,6 +18,11 @@ def _is_variable(x: Any) -> bool:
 def _opt_state_and_wrt(fn: str, optimizer: Any) -> tuple[Any, Any]:
     if isinstance(optimizer, nnx.Optimizer):
         return optimizer.opt_state, optimizer.wrt
+    if optimizer is None or isinstance(optimizer, nnx.Module):
+        raise TypeError(
+            f"`{fn}(optimizer=...)` must be an `nnx.Optimizer` or an optimizer"
+            f" state, got {'None' if optimizer is None else type(optimizer).__name__}."
+        )
     if isinstance(optimizer, optax.GradientTransformation) or callable(
         getattr(optimizer, "update", None)
     ):
@@ -121,8 +126,34 @@ def nnx_grads(
       ``grad_fn`` of ``nnx.Optimizer.update`` receives the pure parameter state,
       not the model.
     """
-    fn = "samx.flax.nnx_grads"
+    return _grads(
+        "samx.flax.nnx_grads",
+        loss_fn,
+        model,
+        optimizer,
+        batch,
+        has_aux=has_aux,
+        prev_batch=prev_batch,
+        ascent_batch=ascent_batch,
+        ascent_batch_size=ascent_batch_size,
+    )
+
+
+def _grads(
+    fn: str,
+    loss_fn: Callable[..., Any],
+    model: nnx.Module,
+    optimizer: nnx.Optimizer | optax.OptState,
+    batch: Any,
+    *,
+    has_aux: bool,
+    prev_batch: Any,
+    ascent_batch: Any,
+    ascent_batch_size: int | None,
+) -> tuple[nnx.State, _common.DescentGradFn]:
+    """:func:`nnx_grads`, its errors named after ``fn``, the function called."""
     _common.check_loss_fn(fn, loss_fn)
+    _common.check_flag(fn, "has_aux", has_aux)
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"`{fn}(model=...)` must be an `nnx.Module`, got {type(model).__name__}."
@@ -223,7 +254,8 @@ def nnx_train_step(
             f" {type(optimizer).__name__}; with a bare optax state, use"
             " `samx.flax.nnx_grads`."
         )
-    grads, grad_fn = nnx_grads(
+    grads, grad_fn = _grads(
+        fn,
         loss_fn,
         model,
         optimizer,
@@ -285,7 +317,10 @@ def make_nnx_train_step(
       Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
       <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
     """
-    _common.check_loss_fn("samx.flax.make_nnx_train_step", loss_fn)
+    fn = "samx.flax.make_nnx_train_step"
+    _common.check_loss_fn(fn, loss_fn)
+    _common.check_flag(fn, "has_aux", has_aux)
+    _common.check_ascent_batch_size(fn, ascent_batch_size)
 
     @nnx.jit
     def step(

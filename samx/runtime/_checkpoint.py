@@ -4,7 +4,12 @@ from typing import Any
 
 import jax
 
-from samx.runtime._trainer import Trainer, TrainerState
+from samx.runtime._trainer import (
+    Trainer,
+    TrainerState,
+    _batch_size,
+    check_batch_divides,
+)
 
 
 def abstract_state(
@@ -75,6 +80,12 @@ def abstract_state(
                 "`abstract_state(batch=...)` is required for SAMPa, whose state"
                 " holds the previous batch: pass a batch of the shapes the"
                 " training loop feeds."
+            )
+        if trainer.mesh is None:
+            _batch_size(batch)
+        else:
+            check_batch_divides(
+                "`abstract_state(batch=...)`", batch, trainer.mesh, trainer.batch_axis
             )
         state = state._replace(prev_batch=trainer._put(batch, trainer._batch_place))
     return jax.tree.map(

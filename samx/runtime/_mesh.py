@@ -13,9 +13,10 @@ from typing import Any
 import jax
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from samx import _checks
 from samx._perturb import f32_global_norm
 from samx.runtime._trainer import (
     check_batch_divides,
@@ -34,6 +35,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
       >>> replicated(jax.sharding.Mesh(jax.devices(), ("data",))).spec
       P()
     """
+    _check_any_mesh("samx.runtime.replicated", mesh)
     return NamedSharding(mesh, P())
 
 
@@ -46,7 +48,25 @@ def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
       >>> batch_sharding(jax.sharding.Mesh(jax.devices(), ("data",))).spec
       P('data',)
     """
+    fn = "samx.runtime.batch_sharding"
+    _check_any_mesh(fn, mesh)
+    names = axis if isinstance(axis, tuple) else (axis,)
+    if not names or any(
+        not isinstance(n, str) or n not in mesh.axis_names for n in names
+    ):
+        raise ValueError(
+            f"`{fn}(axis=...)` must name an axis of the mesh (or a tuple of"
+            f" them), one of {mesh.axis_names}, got {axis!r}."
+        )
     return NamedSharding(mesh, P(axis))
+
+
+def _check_any_mesh(fn: str, mesh: Any) -> None:
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
+        raise TypeError(
+            f"`{fn}(mesh=...)` must be a `jax.sharding.Mesh`, e.g."
+            f" `Mesh(jax.devices(), ('data',))`, got {type(mesh).__name__}."
+        )
 
 
 def make_data_parallel_step(
@@ -191,6 +211,7 @@ def make_data_parallel_step(
     checked: list[str] = []
 
     def step(params, opt_state, batch):
+        _checks.require_params(fn, params, "step")
         check_batch_divides(f"`{fn}`'s step", batch, mesh, axis)
         if not checked:
             method = method_of(opt_state)

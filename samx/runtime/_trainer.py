@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samx import _async_sam, _sam, _sampa
+from samx import _async_sam, _checks, _sam, _sampa
 from samx._perturb import f32_global_norm
 from samx.runtime import _devices
 from samx.runtime._points import grad_fn_points
@@ -255,6 +255,16 @@ class Trainer:
                 "`Trainer(ascent_batch_size=...)` must be an int >= 1 or None,"
                 f" got {ascent_batch_size!r}."
             )
+        if not isinstance(has_state, (bool, np.bool_)):
+            raise TypeError(
+                "`Trainer(has_state=...)` must be True or False, got"
+                f" {type(has_state).__name__} {has_state!r}."
+            )
+        if sampa_vmap is not None and not isinstance(sampa_vmap, (bool, np.bool_)):
+            raise TypeError(
+                "`Trainer(sampa_vmap=...)` must be True, False or None, got"
+                f" {type(sampa_vmap).__name__} {sampa_vmap!r}."
+            )
         self.tx = optax.with_extra_args_support(tx)
         self.loss_fn = loss_fn
         self._value_and_grad = value_and_grad(loss_fn, has_state)
@@ -326,6 +336,8 @@ class Trainer:
             raise ValueError(
                 "`Trainer(has_state=True)` needs `init(params, model_state)`."
             )
+        if params is not None:  # None: the transform's own init says so
+            _checks.require_params("samx.runtime.Trainer", params, "init")
         params = self._put(params, self._state_place)
         opt_state = jax.jit(self.tx.init)(params)
         method = self.method(opt_state)
@@ -567,6 +579,11 @@ def _batch_size(batch: Any) -> int:
         raise ValueError("`batch` has no arrays.")
     sizes = {}
     for path, x in leaves:
+        if not hasattr(x, "shape") and not isinstance(x, (bool, int, float, complex)):
+            raise TypeError(
+                f"`batch` leaf {jax.tree_util.keystr(path)} must be an array, got"
+                f" {type(x).__name__}."
+            )
         shape = jnp.shape(x)
         if not shape:
             raise ValueError(
