@@ -268,6 +268,7 @@ def sharpness(
     num_steps: int = 5,
     step_size: float | jax.Array | None = None,
     eps: float = 1e-12,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     r"""The largest loss increase in the L2 ball of radius ``rho`` (estimated).
 
@@ -288,10 +289,11 @@ def sharpness(
     estimate (``num_steps=0``) and, as every iterate lies in the ball, at most
     the true maximum: a lower bound, which on a quadratic converges to the
     maximum (the top eigenvector direction near a minimum). At an exact
-    critical point (zero gradient) the iterates cannot leave ``e = 0`` and the
-    estimate is 0; there, the curvature is measured by
-    :func:`hessian_top_eigenvalue` (``0.5 * rho**2 * lambda_max`` to second
-    order). The perturbed parameters are formed in float32
+    critical point (a gradient that is exactly zero, e.g. a symmetric
+    initialisation) the SAM step is ``e_0 = 0`` and the iterates cannot leave
+    it: pass ``key`` to start there from a random direction of norm ``rho``
+    instead (elsewhere ``key`` changes nothing); without ``key`` the estimate
+    is then 0. The perturbed parameters are formed in float32
     and cast to each leaf's dtype before ``loss_fn`` sees them; the gradients
     and the loss differences are taken in float32. Costs ``num_steps + 1``
     gradient evaluations and one loss evaluation.
@@ -306,12 +308,14 @@ def sharpness(
         ``int >= 0``; 0 gives the one-step SAM estimate.
       step_size: the ascent step ``alpha``, ``>= 0``; None means ``rho``.
       eps: added to the gradient norms, ``>= 0``.
+      key: an optional PRNG key, e.g. ``jax.random.key(0)``, for the first
+        direction where the gradient at ``params`` is exactly zero.
 
     Returns:
       A float32 scalar.
 
     Examples:
-      >>> import jax.numpy as jnp, samx
+      >>> import jax, jax.numpy as jnp, samx
       >>> A = jnp.array([[2.0, 0.0], [0.0, 1.0]])
       >>> loss = lambda p: 0.5 * p["x"] @ A @ p["x"]
       >>> params = {"x": jnp.array([0.1, 1.0])}
@@ -319,6 +323,10 @@ def sharpness(
       >>> best = samx.diagnostics.sharpness(loss, params, 0.5, num_steps=10)
       >>> bool(best >= sam_step), round(float(best), 3)  # the exact max: 0.6437
       (True, 0.644)
+      >>> at_min = {"x": jnp.zeros(2)}  # zero gradient: 0.5 * rho**2 * 2 = 0.25
+      >>> samx.diagnostics.sharpness(
+      ...     loss, at_min, 0.5, num_steps=20, key=jax.random.key(0)).round(3)
+      Array(0.25, dtype=float32)
 
     References:
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -332,6 +340,8 @@ def sharpness(
     if step_size is not None:
         _checks.check_scalar(fn, "step_size", step_size, allow_schedule=False)
     _checks.check_scalar(fn, "eps", eps, allow_schedule=False)
+    if key is not None:
+        _check_key(fn, key)
     f = _scalar_loss(fn, loss_fn)
     value_and_grad = jax.value_and_grad(f)
     rho = jnp.asarray(rho, jnp.float32)
@@ -351,6 +361,12 @@ def sharpness(
 
     loss0, grad0 = value_and_grad(params)
     e = _perturb.perturbation(grad0, params, rho, eps=eps)
+    if key is not None:  # a random first direction where the gradient is zero
+        critical = _perturb.f32_global_norm(grad0) == 0
+        start = _scale(rho, _normalized(_gaussian_like(key, params), eps))
+        e = jax.tree.map(
+            lambda a, b: jnp.where(critical, b.astype(a.dtype), a), e, start
+        )
     best = jnp.full((), -jnp.inf, jnp.float32)
     e, best = jax.lax.fori_loop(0, num_steps, ascend, (e, best))
     last = f(_perturb.add_perturbation(params, e))

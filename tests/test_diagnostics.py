@@ -156,6 +156,23 @@ def test_sharpness_near_a_minimum_is_half_rho_squared_lambda_max():
     np.testing.assert_allclose(got, 0.5 * rho**2 * 4.0, rtol=2e-2)
 
 
+def test_sharpness_at_an_exact_minimum_needs_a_key():
+    eigenvalues = [4.0, 1.0, 0.5, 0.0, 0.25]
+    _, _, loss, to_tree, _ = _quadratic(eigenvalues, seed=1)
+    at_min, rho = to_tree(np.zeros(5)), 0.1
+    # Without a key the ascent cannot leave e = 0 ...
+    assert float(diagnostics.sharpness(loss, at_min, rho, num_steps=30)) == 0.0
+    # ... with one it starts from a random direction and finds the top curvature.
+    got = diagnostics.sharpness(loss, at_min, rho, num_steps=30, key=jax.random.key(3))
+    np.testing.assert_allclose(got, 0.5 * rho**2 * 4.0, rtol=1e-3)
+    # Away from a critical point the key changes nothing.
+    x = to_tree(np.linspace(-1.0, 1.0, 5))
+    np.testing.assert_array_equal(
+        diagnostics.sharpness(loss, x, rho, key=jax.random.key(3)),
+        diagnostics.sharpness(loss, x, rho),
+    )
+
+
 def test_sharpness_at_a_nonzero_point_matches_a_dense_search_of_the_circle():
     a = np.array([[2.0, 0.5], [0.5, 1.0]])
     x = np.array([0.1, 1.0])
