@@ -26,7 +26,12 @@ CELL_TIMEOUT_S = 300
 
 def test_there_are_notebooks():
     names = {p.name for p in NOTEBOOKS}
-    assert {"01_quickstart.ipynb", "03_two_devices.ipynb"} <= names
+    assert {
+        "01_quickstart.ipynb",
+        "02_flax_nnx.ipynb",
+        "03_two_devices.ipynb",
+        "04_flax_linen.ipynb",
+    } <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
