@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from samx import _checks, _nonfinite, _perturb
+from samx import _checks, _perturb
 
 
 class AsyncSAMState(NamedTuple):
@@ -19,7 +19,7 @@ class AsyncSAMState(NamedTuple):
       base_state: the state of the wrapped base optimizer.
       ascent_grad: the ascent gradient of the previous step, ``a_{t-1}``, a
         tree like the parameters with their dtypes; zeros before the first
-        step, and after a step whose ascent gradient was not finite.
+        step.
     """
 
     count: jax.Array
@@ -67,15 +67,15 @@ def async_sam(
     (which ignores those it does not know). The stored ascent gradient is cast
     to each parameter's dtype.
 
-    **Non-finite ascent gradients.** A stored gradient is never non-finite: if
-    ``a`` (after the cast) has a NaN or an infinity in any entry, zeros are
-    stored instead, so the next step's perturbation is zero (a plain step of
-    ``base``) and the step after it is a normal AsyncSAM step again. One bad
-    ascent batch does not poison the state for ever. The check is one flag
-    over the tree, selected with ``jnp.where`` (no host synchronisation). The
-    current step is not affected: its descent does not use ``a``. To skip
-    steps whose descent gradient is not finite, wrap the transform in
-    :func:`samx.skip_nonfinite`.
+    **Non-finite ascent gradients.** A stored gradient with a NaN or an
+    infinity in any entry (after the cast: also one that overflows the
+    parameters' dtype) gives a zero perturbation at the next step, a plain
+    step of ``base``, and is replaced by that step's fresh ascent gradient: one
+    bad ascent batch costs one unperturbed step, never the run. The check
+    reuses the perturbation's norm (no extra pass over the tree, no host
+    synchronisation). The current step is not affected: its descent does not
+    use ``a``. To skip steps whose descent gradient is not finite, wrap the
+    transform in :func:`samx.skip_nonfinite`.
 
     **ASAM** (``adaptive=True``) scales the perturbation as
     :func:`samx.sam` does, ``T = |x| + eta`` with ``x`` the current
@@ -162,10 +162,8 @@ def async_sam(
         )
         descent = grad_fn(perturbed, 0)
         _checks.check_like_params(fn, "the result of `grad_fn`", descent, params)
-        ascent_grad = _nonfinite.zeros_if_nonfinite(
-            jax.tree.map(
-                lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)), updates, params
-            )
+        ascent_grad = jax.tree.map(
+            lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)), updates, params
         )
         updates, base_state = base.update(
             descent, state.base_state, params, **extra_args

@@ -23,16 +23,6 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.logical_and.reduce(jnp.stack(flags)) if flags else jnp.array(True)
 
 
-def zeros_if_nonfinite(tree: Any) -> Any:
-    """``tree``, or zeros like it if any of its entries is NaN or infinite.
-
-    One flag for the whole tree, selected with ``jnp.where`` (no ``lax.cond``,
-    no host synchronisation); dtypes are kept.
-    """
-    ok = all_finite(tree)
-    return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
-
-
 class SkipNonfiniteState(NamedTuple):
     """State of :func:`samx.skip_nonfinite`.
 

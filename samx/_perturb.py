@@ -63,7 +63,10 @@ def perturbation(
     SAM: ``e = rho * g / (||g|| + eps)``. ASAM (``adaptive=True``):
     ``T = |x| + eta`` on the leaves where ``mask`` is true and ``T = 1``
     elsewhere, ``e = rho * T**2 * g / (||T * g|| + eps)``. A zero direction
-    gives a zero perturbation.
+    gives a zero perturbation, and so does a direction with a NaN or an
+    infinity (its norm is then not finite): a non-finite stored gradient never
+    reaches the parameters. The check reuses the norm, a scalar, and the
+    selection fuses into the elementwise product: no extra pass over the tree.
 
     Args:
       direction: the gradient that sets the direction, a tree like ``params``.
@@ -88,10 +91,12 @@ def perturbation(
             mask,
         )
         tg = jax.tree.map(jnp.multiply, scale, g)
-        inv = rho / (f32_global_norm(tg) + eps)
-        return jax.tree.map(lambda t, x: inv * t * x, scale, tg)
-    inv = rho / (f32_global_norm(g) + eps)
-    return jax.tree.map(lambda x: inv * x, g)
+        norm = f32_global_norm(tg)
+        ok, inv = jnp.isfinite(norm), rho / (norm + eps)
+        return jax.tree.map(lambda t, x: jnp.where(ok, inv * t * x, 0), scale, tg)
+    norm = f32_global_norm(g)
+    ok, inv = jnp.isfinite(norm), rho / (norm + eps)
+    return jax.tree.map(lambda x: jnp.where(ok, inv * x, 0), g)
 
 
 def add_perturbation(params: Any, e: Any) -> Any:

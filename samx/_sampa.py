@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from samx import _checks, _nonfinite, _perturb
+from samx import _checks, _perturb
 
 
 class SAMPaState(NamedTuple):
@@ -19,7 +19,7 @@ class SAMPaState(NamedTuple):
       base_state: the state of the wrapped base optimizer.
       aux_grad: the gradient at the auxiliary point, ``g_t = grad f(y_t)``, a
         tree like the parameters with their dtypes; zeros before the first
-        step, and after a step where it was not finite.
+        step.
     """
 
     count: jax.Array
@@ -64,14 +64,16 @@ def sampa(
     ``base`` (which ignores those it does not know). The stored gradient is
     cast to each parameter's dtype.
 
-    **Non-finite auxiliary gradients.** If the new ``g = grad_fn(y, 1)`` has
-    a NaN or an infinity in any entry, it is replaced by zeros, both in this
-    step's descent (which is then ``d = (1 - lam) * G``) and in the state (so
-    is a stored gradient that overflows in the parameters' dtype). The stored
-    gradient is therefore never non-finite: the next step has no perturbation
-    (``x_pert = params``) and the step after it is a normal SAMPa step again,
-    instead of one bad auxiliary point poisoning the state for ever. The check
-    is one flag over the tree, selected with ``jnp.where`` (no host
+    **Non-finite auxiliary gradients.** Entries of ``g = grad_fn(y, 1)`` that
+    are NaN or infinite are left out of this step's descent (there,
+    ``d = (1 - lam) * G``). At the next step, a stored ``g`` with a NaN or an
+    infinity (also one that overflows the parameters' dtype) gives no
+    perturbation (``x_pert = params``), and the entries of the auxiliary point
+    that its dry run leaves non-finite take the parameters' values (``y = x``
+    there, as at the first step); that step stores a fresh ``g``: one bad
+    auxiliary point costs one unperturbed step instead of poisoning every later
+    step. The checks reuse the perturbation's norm or are elementwise, fused
+    into work done anyway (no extra pass over the tree, no host
     synchronisation). A non-finite ``G = grad_fn(x_pert, 0)`` still gives
     non-finite updates: wrap the transform in :func:`samx.skip_nonfinite` to
     skip such steps.
@@ -151,9 +153,10 @@ def sampa(
         g = state.aux_grad
         perturbed = _perturb.perturbed_params(fn, params, g, rho, state.count, eps=eps)
         dry_run, _ = base.update(g, state.base_state, params, **extra_args)
+        # y_1 = x_0; and y = x in the entries where the dry run is not finite.
         first = state.count == 0
         aux_point = jax.tree.map(
-            lambda p, y: jnp.where(first, p, y),
+            lambda p, y: jnp.where(first | ~jnp.isfinite(y), p, y),
             params,
             optax.apply_updates(params, dry_run),
         )
@@ -163,14 +166,16 @@ def sampa(
         )
         aux_grad = grad_fn(aux_point, 1)
         _checks.check_like_params(fn, "the result of `grad_fn(_, 1)`", aux_grad, params)
-        # A non-finite g_{t+1} is replaced by zeros, in the descent and the state.
-        aux_grad = _nonfinite.zeros_if_nonfinite(aux_grad)
         lam_t = _perturb.hparam_value(lam, state.count)
+
+        def mix(a, b):  # non-finite entries of g_{t+1} are left out of d
+            b = jnp.asarray(b, jnp.float32)
+            b = jnp.where(jnp.isfinite(b), b, 0)
+            d = (1 - lam_t) * jnp.asarray(a, jnp.float32) + lam_t * b
+            return d.astype(jnp.result_type(a))
+
         descent = jax.tree.map(
-            lambda a, b: (
-                (1 - lam_t) * jnp.asarray(a, jnp.float32)
-                + lam_t * jnp.asarray(b, jnp.float32)
-            ).astype(jnp.result_type(a)),
+            mix,
             perturbed_grad,
             aux_grad,
         )
@@ -180,12 +185,10 @@ def sampa(
         return updates, SAMPaState(
             count=_perturb.increment(state.count),
             base_state=base_state,
-            aux_grad=_nonfinite.zeros_if_nonfinite(
-                jax.tree.map(
-                    lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)),
-                    aux_grad,
-                    params,
-                )
+            aux_grad=jax.tree.map(
+                lambda a, p: jnp.asarray(a).astype(jnp.result_type(p)),
+                aux_grad,
+                params,
             ),
         )
 
