@@ -194,6 +194,45 @@ def test_nnx_sam_step_keeps_descent_stats_only():
     _differ(got_stats, at_x)
 
 
+def _with_a_corrupt_batch():
+    """Two good batches with a batch of NaN images between them."""
+    good = _batches()[:2]
+    bad = {"x": jnp.full_like(good[0]["x"], jnp.nan), "y": good[0]["y"]}
+    return good, [good[0], bad, good[1]]
+
+
+def _safe_sam():
+    return samx.skip_nonfinite(samx.sam(optax.sgd(0.1, momentum=0.9), rho=RHO))
+
+
+def test_nnx_corrupt_batch_keeps_the_statistics_and_skips_the_step():
+    good, with_bad = _with_a_corrupt_batch()
+    models = {}
+    for name, batches in (("clean", good), ("corrupt", with_bad)):
+        model = CNN(nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, _safe_sam(), wrt=nnx.Param)
+        step = samx.flax.make_nnx_train_step(nnx_loss)
+        for t, batch in enumerate(batches):
+            before = nnx_params_stats(model)
+            step(model, optimizer, batch)
+            if name == "corrupt" and t == 1:  # NaN statistics and gradients
+                _close(nnx_params_stats(model), before, tol=0)
+        models[name] = model
+    # The run with the corrupt batch is the run without it.
+    _close(nnx_params_stats(models["corrupt"]), nnx_params_stats(models["clean"]))
+
+
+def test_nnx_corrupt_batch_keeps_the_statistics_without_skip_nonfinite():
+    _, (_, bad, _) = _with_a_corrupt_batch()
+    model = CNN(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, samx.sam(optax.sgd(0.1), rho=RHO), wrt=nnx.Param)
+    _, stats = nnx_params_stats(model)
+    samx.flax.nnx_train_step(model, optimizer, bad, nnx_loss)
+    params_after, stats_after = nnx_params_stats(model)
+    _close(stats_after, stats, tol=0)  # not NaN: the start-of-step statistics
+    assert not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params_after))
+
+
 def test_nnx_grads_with_optimizer_update_and_aux():
     batch = _batches()[0]
     model = CNN(nnx.Rngs(0))
@@ -349,6 +388,24 @@ def test_linen_sam_step_keeps_descent_stats_only():
     _close(grad_fn.loss, descent_loss)
     _differ(new.batch_stats, naive)
     _differ(new.batch_stats, at_x)
+
+
+def test_linen_corrupt_batch_keeps_the_statistics_and_skips_the_step():
+    good, with_bad = _with_a_corrupt_batch()
+    step = samx.flax.make_linen_train_step(linen_loss)
+    states = {}
+    for name, batches in (("clean", good), ("corrupt", with_bad)):
+        state = linen_state(_safe_sam())
+        for t, batch in enumerate(batches):
+            before = state
+            state, _ = step(state, batch)
+            if name == "corrupt" and t == 1:
+                _close(state.params, before.params, tol=0)
+                _close(state.batch_stats, before.batch_stats, tol=0)
+        states[name] = state
+    _close(states["corrupt"].params, states["clean"].params)
+    _close(states["corrupt"].batch_stats, states["clean"].batch_stats)
+    assert int(states["corrupt"].opt_state.total_notfinite) == 1
 
 
 def test_linen_apply_gradients_matches_flax_for_plain_optax():

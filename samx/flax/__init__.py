@@ -21,6 +21,12 @@ the step, and its state updates are discarded. This is the only behaviour of
 the helpers. Updating the statistics in both passes, one after the other, is
 the most common bug of SAM implementations.
 
+**Non-finite statistics.** If the descent pass leaves a NaN or an infinity
+in any floating-point model state (a corrupt batch, an overflow at the
+perturbed point), the model state of the start of the step is kept, so one bad
+batch does not poison the running statistics for ever; wrap the transform in
+:func:`samx.skip_nonfinite` to skip the parameter update of such a step too.
+
 The descent pass runs inside ``tx.update``; its new state is captured in the
 same trace and written after the update. Wrappers that call ``tx.update``
 under ``lax.cond`` (``optax.MultiSteps``, ``optax.apply_if_finite``) are

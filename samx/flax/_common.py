@@ -180,6 +180,31 @@ def check_scalar_loss(fn: str, loss: Any, has_aux: bool) -> None:
         )
 
 
+def finite_or(new_state: Any, old_state: Any) -> Any:
+    """``new_state``, or ``old_state``'s floating leaves if any of them is not finite.
+
+    One flag over all the floating-point leaves (BatchNorm statistics), selected
+    with ``jnp.where``: a batch whose forward pass gives NaN or infinite
+    statistics leaves them as they were, instead of poisoning every later step.
+    Other leaves (RNG counts) take their new values.
+    """
+    floating = [
+        x
+        for x in jax.tree.leaves(new_state)
+        if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ]
+    if not floating:
+        return new_state
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floating]))
+
+    def pick(new: Any, old: Any) -> Any:
+        if jnp.issubdtype(jnp.result_type(new), jnp.floating):
+            return jnp.where(ok, new, old)
+        return new
+
+    return jax.tree.map(pick, new_state, old_state)
+
+
 class DescentGradFn:
     """``grad_fn(params, i)`` for samx transforms; keeps the descent pass's state.
 

@@ -256,7 +256,7 @@ def _grads(
             new_stats, aux = rest, None
         _common.check_scalar_loss(fn, loss, has_aux)
         new_stats = _check_stats(fn, new_stats, start_stats)
-        return loss, (aux, new_stats)
+        return loss, (aux, _common.finite_or(new_stats, start_stats))
 
     return _common.step_grads(
         fn,

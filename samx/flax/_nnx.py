@@ -167,7 +167,7 @@ def _grads(
         m = nnx.merge(graphdef, params, start_rest)
         loss, aux = _common.split_output(fn, loss_fn(m, batch), has_aux)
         _, _, new_rest = nnx.split(m, wrt, ...)
-        return loss, (aux, nnx.as_pure(new_rest))
+        return loss, (aux, _common.finite_or(nnx.as_pure(new_rest), start_rest))
 
     def on_descent(new_rest: nnx.State) -> None:
         nnx.update(model, new_rest)
