@@ -5,6 +5,12 @@ containers, a Flax ``nnx.State`` of ``Param`` s) and accumulates in float32
 whatever the parameters' dtype. A ``loss_fn(params) -> scalar`` closes over
 its batch; it is a static (Python) argument, so jit a function that closes
 over it, e.g. ``jax.jit(lambda p: sharpness(loss_fn, p, 0.05))``.
+
+The iterative functions loop with ``lax.fori_loop`` / ``lax.map``. On XLA:CPU,
+convolutions inside such loops run far slower than the same convolutions
+outside one (about 30x measured on a small CNN, jax 0.10); on a CPU, evaluate a
+CNN's diagnostics with its convolutions written as matrix products, as
+``samx.examples.flax_train.conv_as_matmul`` does for the notebooks.
 """
 
 import inspect
