@@ -40,6 +40,8 @@ def _make(name, wrapper):
         return factory(**kwargs)
     if wrapper == "chain":
         return optax.chain(optax.clip_by_global_norm(1.0), factory(**kwargs))
+    if wrapper == "skip":  # its counters are part of the state too
+        return samx.skip_nonfinite(factory(**kwargs))
     # inject_hyperparams, with rho a schedule evaluated by the wrapper
     return optax.inject_hyperparams(factory, static_args=static)(
         **{**kwargs, "rho": RHO}
@@ -111,7 +113,7 @@ def _assert_equal_trees(a, b, msg=""):
         np.testing.assert_array_equal(x, y, err_msg=msg)
 
 
-@pytest.mark.parametrize("wrapper", ["alone", "chain", "inject"])
+@pytest.mark.parametrize("wrapper", ["alone", "chain", "inject", "skip"])
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
 def test_transform_state_restores_and_continues(tmp_path, name, wrapper):
     params0, loss, sample = mlp_problem(jax.random.key(0), sizes=(8, 4), batch=BATCH)
