@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class _ListHandler(logging.Handler):
@@ -83,3 +84,32 @@ def mlp_problem(key, sizes=(8, 16, 4), batch=32):
         }
 
     return params, loss, sample
+
+
+def pure_step(tx, method, loss, ascent):
+    """One step of the pure transform, as a user writes it (no samx runtime).
+
+    ``step(params, state, prev, batch)``: AsyncSAM's ascent on the first
+    ``ascent`` examples, SAMPa's ``grad_fn(., 0)`` on ``prev`` (the runtime's
+    batch semantics); not jitted, so the caller picks the placement.
+    """
+    grad = jax.grad(loss)
+
+    def step(params, state, prev, batch):
+        if method == "async_sam":
+            small = jax.tree.map(lambda x: x[:ascent], batch)
+            updates, state = tx.update(
+                grad(params, small), state, params, grad_fn=lambda p, i: grad(p, batch)
+            )
+        elif method == "sampa":
+            pair = (prev, batch)
+            updates, state = tx.update(
+                None, state, params, grad_fn=lambda p, i: grad(p, pair[i])
+            )
+        else:
+            updates, state = tx.update(
+                grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
+            )
+        return optax.apply_updates(params, updates), state
+
+    return step

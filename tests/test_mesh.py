@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import mlp_problem
+from _testing import mlp_problem, pure_step
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,26 +41,7 @@ def _method(name):
 
 def _make_step(tx, method, loss, out_shardings):
     """The pure transform in a jitted step, as a user writes it (no samx runtime)."""
-    grad = jax.grad(loss)
-
-    def step(params, state, prev, batch):
-        if method == "async_sam":
-            small = jax.tree.map(lambda x: x[:ASCENT], batch)
-            updates, state = tx.update(
-                grad(params, small), state, params, grad_fn=lambda p, i: grad(p, batch)
-            )
-        elif method == "sampa":
-            pair = (prev, batch)
-            updates, state = tx.update(
-                None, state, params, grad_fn=lambda p, i: grad(p, pair[i])
-            )
-        else:
-            updates, state = tx.update(
-                grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
-            )
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, out_shardings=out_shardings)
+    return jax.jit(pure_step(tx, method, loss, ASCENT), out_shardings=out_shardings)
 
 
 def _trajectory(tx, method, loss, params, batches, put_params, put_batch):

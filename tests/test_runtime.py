@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import count_compilations, mlp_problem
+from _testing import count_compilations, mlp_problem, pure_step
 
 import samx
 from samx.runtime import Trainer, calibrate_ascent_batch, method_of
@@ -29,26 +29,7 @@ def _numpy_batches(sample, n, seed=1):
 
 def _pure_trajectory(tx, method, params, loss, batches):
     """The pure transform in one jit, with the Trainer's pinned batch semantics."""
-    grad = jax.grad(loss)
-
-    @jax.jit
-    def step(params, state, prev, batch):
-        if method == "async_sam":
-            small = jax.tree.map(lambda x: x[:ASCENT], batch)
-            updates, state = tx.update(
-                grad(params, small), state, params, grad_fn=lambda p, i: grad(p, batch)
-            )
-        elif method == "sampa":
-            pair = (prev, batch)
-            updates, state = tx.update(
-                None, state, params, grad_fn=lambda p, i: grad(p, pair[i])
-            )
-        else:
-            updates, state = tx.update(
-                grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
-            )
-        return optax.apply_updates(params, updates), state
-
+    step = jax.jit(pure_step(tx, method, loss, ASCENT))
     state, prev, out = tx.init(params), batches[0], []
     for batch in batches:
         params, state = step(params, state, prev, batch)
