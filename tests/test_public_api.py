@@ -1,9 +1,12 @@
 """The public surface: __all__, re-exports, version, and what `import samx` loads."""
 
+import importlib
 import importlib.metadata
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 import samx
 
@@ -15,14 +18,18 @@ def test_all_is_sorted_and_importable():
         assert not name.startswith("_")
 
 
-def test_public_callables_have_documented_examples():
-    for name in samx.__all__:
-        obj = getattr(samx, name)
+@pytest.mark.parametrize(
+    "module", ["samx", "samx.diagnostics", "samx.runtime", "samx.flax"]
+)
+def test_public_callables_have_documented_examples(module):
+    mod = importlib.import_module(module)
+    for name in mod.__all__:
+        obj = getattr(mod, name)
         doc = obj.__doc__ or ""
-        assert doc.strip(), f"samx.{name} has no docstring"
+        assert doc.strip(), f"{module}.{name} has no docstring"
         if callable(obj) and not isinstance(obj, type):
             for section in ("Args:", "Returns:", "Examples:", "References:"):
-                assert section in doc, f"samx.{name} docstring lacks {section}"
+                assert section in doc, f"{module}.{name} docstring lacks {section}"
 
 
 def test_version_comes_from_metadata():

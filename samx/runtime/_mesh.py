@@ -29,11 +29,23 @@ from samx.runtime._trainer import (
 def replicated(mesh: Mesh) -> NamedSharding:
     """``NamedSharding(mesh, P())``: a whole copy on every device of ``mesh``.
 
+    Where data-parallel training keeps the parameters and the optimizer state.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``).
+
+    Returns:
+      A ``jax.sharding.NamedSharding``.
+
     Examples:
       >>> import jax
       >>> from samx.runtime import replicated
       >>> replicated(jax.sharding.Mesh(jax.devices(), ("data",))).spec
       P()
+
+    References:
+      JAX, `Distributed arrays and automatic parallelization
+      <https://docs.jax.dev/en/latest/notebooks/Distributed_arrays_and_automatic_parallelization.html>`_
     """
     _check_any_mesh("samx.runtime.replicated", mesh)
     return NamedSharding(mesh, P())
@@ -42,11 +54,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
     """``NamedSharding(mesh, P(axis))``: a batch's leading axis split on ``axis``.
 
+    Where data-parallel training puts each batch: every device holds
+    ``batch_size / mesh.shape[axis]`` examples.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` (or ``AbstractMesh``).
+      axis: the mesh axis to split the batch along, or a tuple of axes.
+
+    Returns:
+      A ``jax.sharding.NamedSharding``.
+
     Examples:
       >>> import jax
       >>> from samx.runtime import batch_sharding
       >>> batch_sharding(jax.sharding.Mesh(jax.devices(), ("data",))).spec
       P('data',)
+
+    References:
+      JAX, `Distributed arrays and automatic parallelization
+      <https://docs.jax.dev/en/latest/notebooks/Distributed_arrays_and_automatic_parallelization.html>`_
     """
     fn = "samx.runtime.batch_sharding"
     _check_any_mesh(fn, mesh)

@@ -118,7 +118,27 @@ def method_of(opt_state: Any) -> str:
     """``"sam"``, ``"async_sam"``, ``"sampa"`` or ``"plain"``, from the state.
 
     Finds the samx state inside ``optax.chain``, ``inject_hyperparams`` and the
-    like, so the Trainer needs no tag on the transform.
+    like, so the Trainer (and ``samx.flax``) need no tag on the transform.
+
+    Args:
+      opt_state: an optimizer state, ``tx.init(params)``.
+
+    Returns:
+      The method's name; ``"plain"`` for a state without a samx transform.
+
+    Raises:
+      ValueError: if the state nests more than one samx transform.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, samx
+      >>> from samx.runtime import method_of
+      >>> tx = optax.chain(optax.clip(1.0), samx.sampa(optax.sgd(0.1)))
+      >>> method_of(tx.init(jnp.zeros(3))), method_of(optax.adam(1e-3).init(1.0))
+      ('sampa', 'plain')
+
+    References:
+      Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
+      <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
     """
     if isinstance(opt_state, optax.GradientTransformation):
         raise TypeError(
