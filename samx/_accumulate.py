@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from samx import _checks
+
 
 def _split(num_microbatches: int, batch: Any) -> Any:
     """Every leaf of ``batch`` as ``(k, n // k, ...)``, strided; checks sizes."""
@@ -131,7 +133,7 @@ def microbatched(
       Section 4.1 and Appendix C.3)
     """
     k = num_microbatches
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not _checks.is_int(k) or k < 1:
         raise ValueError(
             f"`samx.microbatched(num_microbatches=...)` must be an int >= 1, got {k!r}."
         )

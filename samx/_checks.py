@@ -86,6 +86,20 @@ def check_scalar(
         )
 
 
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, and not a bool (which is an int in Python)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_flag(fn: str, name: str, value: Any) -> None:
+    """Checks that ``value``, the argument ``name`` of ``fn``, is a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{fn}({name}=...)` must be True or False, got"
+            f" {type(value).__name__} {value!r}."
+        )
+
+
 def check_perturbation_args(
     fn: str,
     *,
@@ -99,11 +113,7 @@ def check_perturbation_args(
     check_scalar(fn, "rho", rho)
     check_scalar(fn, "eta", eta, allow_schedule=False)
     check_scalar(fn, "eps", eps, allow_schedule=False)
-    if not isinstance(adaptive, (bool, np.bool_)):
-        raise TypeError(
-            f"`{fn}(adaptive=...)` must be True or False, got"
-            f" {type(adaptive).__name__} {adaptive!r}."
-        )
+    check_flag(fn, "adaptive", adaptive)
     if mask is not None and not adaptive:
         raise ValueError(
             f"`{fn}(mask=...)` selects the leaves that ASAM scales and needs"

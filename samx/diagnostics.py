@@ -75,7 +75,7 @@ def _check_params(fn: str, params: Any) -> None:
 
 
 def _check_count(fn: str, name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _checks.is_int(value):
         raise TypeError(
             f"`{fn}({name}=...)` must be a Python int (it sets the number of"
             f" iterations, a static value), got {type(value).__name__}."
@@ -241,12 +241,7 @@ def staleness_cosine(stale: Any, fresh: Any, eps: float = 1e-12) -> jax.Array:
     _checks.check_like_params(fn, "`fresh`", fresh, stale, ref="`stale`")
     inv_stale = 1 / (_perturb.f32_global_norm(stale) + eps)
     inv_fresh = 1 / (_perturb.f32_global_norm(fresh) + eps)
-    dots = [
-        jnp.sum(jnp.asarray(a, jnp.float32) * jnp.asarray(b, jnp.float32))
-        for a, b in zip(jax.tree.leaves(stale), jax.tree.leaves(fresh), strict=True)
-    ]
-    dot = sum(dots, jnp.zeros((), jnp.float32))
-    return jnp.clip(dot * inv_stale * inv_fresh, -1.0, 1.0)
+    return jnp.clip(_vdot(stale, fresh) * inv_stale * inv_fresh, -1.0, 1.0)
 
 
 # --- public functions ----------------------------------------------------------

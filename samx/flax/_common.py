@@ -15,6 +15,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
+from samx import _checks
+
 PassFn = Callable[[Any, Any], tuple[jax.Array, tuple[Any, Any]]]
 
 _METHODS = ("sam", "async_sam", "sampa", "plain")
@@ -33,19 +35,12 @@ def check_loss_fn(fn: str, loss_fn: Any) -> None:
         )
 
 
-def check_flag(fn: str, name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"`{fn}({name}=...)` must be True or False, got"
-            f" {type(value).__name__} {value!r}."
-        )
+check_flag = _checks.check_flag
 
 
 def check_ascent_batch_size(fn: str, value: Any) -> None:
     """Checks a static ``ascent_batch_size``: None or an int ``>= 1``."""
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
-    ):
+    if value is not None and (not _checks.is_int(value) or value < 1):
         raise ValueError(
             f"`{fn}(ascent_batch_size=...)` must be an int >= 1 or None, got {value!r}."
         )
@@ -132,11 +127,7 @@ def ascent_batch_of(
         return ascent_batch
     if ascent_batch_size is None:
         return batch
-    if (
-        isinstance(ascent_batch_size, bool)
-        or not isinstance(ascent_batch_size, (int, np.integer))
-        or not 1 <= ascent_batch_size <= size
-    ):
+    if not _checks.is_int(ascent_batch_size) or not 1 <= ascent_batch_size <= size:
         raise ValueError(
             f"`{fn}(ascent_batch_size=...)` must be an int in [1, {size}] (the"
             f" batch size), got {ascent_batch_size!r}."

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
+from samx import _checks
 from samx.runtime import _devices
 from samx.runtime._trainer import _batch_size, value_and_grad
 
@@ -86,11 +86,7 @@ def calibrate_ascent_batch(
             f"`calibrate_ascent_batch(loss_fn=...)` must be callable, got"
             f" {type(loss_fn).__name__}."
         )
-    if (
-        isinstance(repeats, bool)
-        or not isinstance(repeats, (int, np.integer))
-        or repeats < 1
-    ):
+    if not _checks.is_int(repeats) or repeats < 1:
         raise ValueError(
             "`calibrate_ascent_batch(repeats=...)` must be an int >= 1,"
             f" got {repeats!r}."

@@ -267,19 +267,13 @@ class Trainer:
                 f" {type(loss_fn).__name__}."
             )
         if ascent_batch_size is not None and (
-            isinstance(ascent_batch_size, bool)
-            or not isinstance(ascent_batch_size, (int, np.integer))
-            or ascent_batch_size < 1
+            not _checks.is_int(ascent_batch_size) or ascent_batch_size < 1
         ):
             raise ValueError(
                 "`Trainer(ascent_batch_size=...)` must be an int >= 1 or None,"
                 f" got {ascent_batch_size!r}."
             )
-        if not isinstance(has_state, (bool, np.bool_)):
-            raise TypeError(
-                "`Trainer(has_state=...)` must be True or False, got"
-                f" {type(has_state).__name__} {has_state!r}."
-            )
+        _checks.check_flag("Trainer", "has_state", has_state)
         if sampa_vmap is not None and not isinstance(sampa_vmap, (bool, np.bool_)):
             raise TypeError(
                 "`Trainer(sampa_vmap=...)` must be True, False or None, got"
