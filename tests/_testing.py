@@ -113,3 +113,19 @@ def pure_step(tx, method, loss, ascent):
         return optax.apply_updates(params, updates), state
 
     return step
+
+
+def plain_trajectory(tx, params, loss, batches):
+    """The parameters after each step of a plain optax ``tx`` (no ``grad_fn``)."""
+    grad = jax.grad(loss)
+
+    @jax.jit
+    def step(params, state, batch):
+        updates, state = tx.update(grad(params, batch), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state, out = tx.init(params), []
+    for batch in batches:
+        params, state = step(params, state, batch)
+        out.append(params)
+    return out
