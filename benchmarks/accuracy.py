@@ -1,7 +1,9 @@
 """Accuracy on noisy digits: every optimizer, noise 0%, 20% and 40%, 5 seeds.
 
 The main job's setting (``python -m samx.examples.compare``) at each noise
-level; writes ``benchmarks/results/accuracy-digits.json`` and prints a table.
+level, plus AsyncSAM unpaired (the ascent of the previous batch perturbing the
+descent on the current one) at b/4 and b; writes
+``benchmarks/results/accuracy-digits.json`` and prints a table.
 
 Usage: python benchmarks/accuracy.py [--seeds 5] [--epochs 60] [--json PATH]
 """
@@ -13,7 +15,9 @@ import statistics
 from step_time import machine, write_json
 
 from samx.examples import compare
-from samx.examples.train import METHODS
+from samx.examples.train import ALL, METHODS
+
+OPTIMIZERS = (*METHODS, "async_sam_unpaired", "async_sam_b_unpaired")
 
 
 def main(argv=None) -> dict:
@@ -29,13 +33,14 @@ def main(argv=None) -> dict:
         "| optimizer | " + " | ".join(f"noise {n:.0%}" for n in levels) + " |",
         "|---|" + "---|" * len(levels),
     ]
-    summary = {name: [] for name in METHODS}
+    summary = {name: [] for name in OPTIMIZERS}
     for noise in levels:
         run_args = compare.parse_args(
             [
                 f"--seeds={args.seeds}",
                 f"--epochs={args.epochs}",
                 f"--noise={noise}",
+                f"--optimizers={','.join(OPTIMIZERS)}",
                 "--no-progress",
             ]
         )
@@ -50,7 +55,7 @@ def main(argv=None) -> dict:
                 f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}"
             )
     for name, cells in summary.items():
-        lines.append(f"| {METHODS[name].label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ALL[name].label} | " + " | ".join(cells) + " |")
     print(
         f"Test accuracy on digits (mean ± std over {args.seeds} seeds,"
         f" {args.epochs} epochs):\n"

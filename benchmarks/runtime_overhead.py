@@ -2,7 +2,9 @@
 
 Both loops take the same NumPy batches, put them on the device each step (as a
 real input pipeline does) and dispatch one step per call; the pure loop is the
-transform in one ``jax.jit`` on cpu:0 with the Trainer's batch semantics. The
+transform in one ``jax.jit`` on cpu:0, the main job's step
+(``samx.examples.train.make_step``): both follow the transform's evaluation
+plan, so they see the same batches. The
 optimizers and loops take turns (interleaved), every function is compiled and
 run before the clock starts, and each figure is the median over ``--rounds``
 timings of ``--inner`` steps. Quoted as ratios: Trainer / pure.
@@ -26,9 +28,10 @@ import optax
 from step_time import machine, write_json
 
 import samx
-from samx.examples import models
-from samx.examples.train import classification_loss
+from samx.examples import models, train
 from samx.runtime import Trainer
+
+ASCENT_FRACTION = 0.25  # AsyncSAM's b' = b/4
 
 TRANSFORMS = {
     "sgd": lambda: optax.sgd(0.05, momentum=0.9),
@@ -38,49 +41,44 @@ TRANSFORMS = {
 }
 
 
-def pure_step(name, tx, ascent):
-    grad = jax.grad(classification_loss)
-
-    def step(params, state, prev, batch):
-        if name == "async_sam":
-            small = jax.tree.map(lambda x: x[:ascent], batch)
-            g, fn = grad(params, small), lambda p, i: grad(p, batch)
-        elif name == "sampa":
-            pair = (prev, batch)
-            g, fn = None, lambda p, i: grad(p, pair[i])
-        else:
-            g, fn = grad(params, batch), lambda p, i: grad(p, batch)
-        updates, state = tx.update(g, state, params, grad_fn=fn)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step)
+def method(name):
+    """The main job's method record for a transform of this benchmark."""
+    return train.Method(
+        name,
+        name,
+        lambda base: TRANSFORMS[name](),
+        1,
+        ascent_fraction=ASCENT_FRACTION,
+    )
 
 
 class PureLoop:
-    def __init__(self, name, params, ascent, device):
-        self.tx = optax.with_extra_args_support(TRANSFORMS[name]())
-        self.step_fn = pure_step(name, self.tx, ascent)
+    def __init__(self, name, params, device):
+        self.tx = TRANSFORMS[name]()
+        self.step_fn = jax.jit(
+            train.make_step(method(name), train.classification_loss, self.tx)
+        )
         self.device = device
-        self.params = jax.device_put(params, device)
-        self.state = jax.device_put(self.tx.init(self.params), device)
-        self.prev = None
+        self.carry = jax.device_put((params, self.tx.init(params)), device)
 
     def step(self, batch):
         batch = jax.device_put(batch, self.device)
-        prev = batch if self.prev is None else self.prev
-        self.params, self.state = self.step_fn(self.params, self.state, prev, batch)
-        self.prev = batch
-        return self.params
+        params, state = self.carry[:2]
+        prev = batch if len(self.carry) == 2 else self.carry[2]
+        self.carry, _ = self.step_fn((params, state, prev), batch)
+        return self.carry[0]
 
 
 class TrainerLoop:
     def __init__(self, name, params, ascent, devices, **kwargs):
+        tx = TRANSFORMS[name]()
+        plan = samx.evaluation_plan(tx.init(params))
         self.trainer = Trainer(
-            TRANSFORMS[name](),
-            classification_loss,
+            tx,
+            train.classification_loss,
             descent_device=devices[0],
             ascent_device=devices[1],
-            ascent_batch_size=ascent if name == "async_sam" else None,
+            ascent_batch_size=ascent if plan.uses("ascent") else None,
             **kwargs,
         )
         self.state = self.trainer.init(params)
@@ -111,18 +109,19 @@ def main(argv=None) -> dict:
         }
         for _ in range(args.inner)
     ]
-    ascent = args.batch // 4
+    ascent = method("async_sam").ascent_batch_size(args.batch)
     loops = {}
     for name in TRANSFORMS:
-        loops[(name, "pure")] = PureLoop(name, params, ascent, cpu0)
+        plan = samx.evaluation_plan(TRANSFORMS[name]().init(params))
+        loops[(name, "pure")] = PureLoop(name, params, cpu0)
         loops[(name, "trainer, one device")] = TrainerLoop(
             name, params, ascent, (cpu0, cpu0)
         )
-        if name == "sampa":
+        if plan.parallel and plan.updates is None:  # SAMPa: also vmap-ed
             loops[(name, "trainer, one device, vmap")] = TrainerLoop(
                 name, params, ascent, (cpu0, cpu0), sampa_vmap=True
             )
-        if name in ("async_sam", "sampa"):
+        if plan.parallel:
             loops[(name, "trainer, two devices")] = TrainerLoop(
                 name, params, ascent, (cpu0, cpu1)
             )

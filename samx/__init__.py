@@ -13,6 +13,9 @@ from samx._async_sam import AsyncSAMState as AsyncSAMState
 from samx._async_sam import async_sam as async_sam
 from samx._nonfinite import SkipNonfiniteState as SkipNonfiniteState
 from samx._nonfinite import skip_nonfinite as skip_nonfinite
+from samx._plan import Evaluation as Evaluation
+from samx._plan import EvaluationPlan as EvaluationPlan
+from samx._plan import evaluation_plan as evaluation_plan
 from samx._sam import SAMState as SAMState
 from samx._sam import sam as sam
 from samx._sampa import SAMPaState as SAMPaState
@@ -25,11 +28,14 @@ except _metadata.PackageNotFoundError:  # a source tree that is not installed
 
 __all__ = (
     "AsyncSAMState",
+    "Evaluation",
+    "EvaluationPlan",
     "SAMPaState",
     "SAMState",
     "SkipNonfiniteState",
     "async_sam",
     "diagnostics",
+    "evaluation_plan",
     "microbatched",
     "sam",
     "sampa",

@@ -86,23 +86,29 @@ def mlp_problem(key, sizes=(8, 16, 4), batch=32):
     return params, loss, sample
 
 
-def pure_step(tx, method, loss, ascent):
+def pure_step(tx, method, loss, ascent, pairing="paired"):
     """One step of the pure transform, as a user writes it (no samx runtime).
 
-    ``step(params, state, prev, batch)``: AsyncSAM's ascent on the first
-    ``ascent`` examples, SAMPa's ``grad_fn(., 0)`` on ``prev`` (the runtime's
-    batch semantics); not jitted, so the caller picks the placement.
+    ``step(params, state, prev, batch)``, with the batches written out here, not
+    taken from samx's plan: AsyncSAM's ascent on the first ``ascent`` examples
+    of ``batch``; AsyncSAM's and SAMPa's ``grad_fn(., 0)`` on ``prev``
+    (paired) or on ``batch`` (unpaired), SAMPa's ``grad_fn(., 1)`` on
+    ``batch``. Not jitted, so the caller picks the placement.
     """
     grad = jax.grad(loss)
 
     def step(params, state, prev, batch):
+        perturbed = prev if pairing == "paired" else batch
         if method == "async_sam":
             small = jax.tree.map(lambda x: x[:ascent], batch)
             updates, state = tx.update(
-                grad(params, small), state, params, grad_fn=lambda p, i: grad(p, batch)
+                grad(params, small),
+                state,
+                params,
+                grad_fn=lambda p, i: grad(p, perturbed),
             )
         elif method == "sampa":
-            pair = (prev, batch)
+            pair = (perturbed, batch)
             updates, state = tx.update(
                 None, state, params, grad_fn=lambda p, i: grad(p, pair[i])
             )
@@ -113,6 +119,36 @@ def pure_step(tx, method, loss, ascent):
         return optax.apply_updates(params, updates), state
 
     return step
+
+
+def async_sam_reference(base, params, loss, batches, *, rho, ascent, pairing):
+    """AsyncSAM as ALGORITHMS.md writes it, without samx: the trajectory.
+
+    Step t: ``a_t = grad L(x_t; B_t[:ascent])``; ``d_t = grad L(x_t + rho
+    a_{t-1} / (||a_{t-1}|| + 1e-12); D_t)`` with ``D_t = B_{t-1}`` (paired,
+    ``B_{-1} = B_0``) or ``B_t`` (unpaired); ``x_{t+1} = x_t +
+    base.update(d_t)``; ``a_{-1} = 0``.
+    """
+    grad = jax.grad(loss)
+
+    @jax.jit
+    def step(params, state, previous, descent_batch, batch):
+        a = grad(params, jax.tree.map(lambda x: x[:ascent], batch))
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(previous)))
+        point = jax.tree.map(
+            lambda p, g: p + rho * g / (norm + 1e-12), params, previous
+        )
+        updates, state = base.update(grad(point, descent_batch), state, params)
+        return optax.apply_updates(params, updates), state, a
+
+    state, previous = base.init(params), jax.tree.map(jnp.zeros_like, params)
+    out, prev = [], batches[0]
+    for batch in batches:
+        descent_batch = prev if pairing == "paired" else batch
+        params, state, previous = step(params, state, previous, descent_batch, batch)
+        prev = batch
+        out.append(params)
+    return out
 
 
 def plain_trajectory(tx, params, loss, batches):

@@ -21,7 +21,7 @@ import samx.flax
 
 BN_MOMENTUM = 0.5  # large, so that a wrong pass's statistics show
 RHO = 0.5
-STEPS = 4
+STEPS = 10
 
 
 def _batches():
@@ -63,8 +63,13 @@ def _differ(a, b, tol=1e-4):
 # ---------------------------------------------------------------- reference
 
 
-def reference_run(tx, method, loss, params, stats, batches):
-    """The ALGORITHMS.md loop: ``loss(params, stats, batch) -> (loss, stats)``."""
+def reference_run(tx, method, loss, params, stats, batches, pairing="paired"):
+    """The ALGORITHMS.md loop: ``loss(params, stats, batch) -> (loss, stats)``.
+
+    Paired: AsyncSAM's and SAMPa's ``grad_fn(., 0)`` on the previous batch (the
+    first batch at the first step), where their stored gradient came from;
+    unpaired: on the current batch.
+    """
     vg = jax.value_and_grad(loss, has_aux=True)
     opt_state = tx.init(params)
     prev = batches[0]
@@ -72,7 +77,8 @@ def reference_run(tx, method, loss, params, stats, batches):
         kept = {}
 
         def grad_fn(p, i, batch=batch, prev=prev, stats=stats, kept=kept):
-            b = prev if (method == "sampa" and i == 0) else batch
+            stored = method in ("sampa", "async_sam") and pairing == "paired"
+            b = prev if (stored and i == 0) else batch
             (value, new_stats), g = vg(p, stats, b)
             if i == 0:  # the descent pass: its statistics are the only ones kept
                 kept["stats"], kept["loss"] = new_stats, value
@@ -146,17 +152,34 @@ def nnx_params_stats(model):
     )
 
 
-@pytest.mark.parametrize("method", list(TRANSFORMS))
-def test_nnx_train_step_matches_reference_and_compiles_once(method):
+def _cases():
+    """(method, pairing): the paired default for all, unpaired where it differs."""
+    return [(m, "paired") for m in TRANSFORMS] + [
+        ("async_sam", "unpaired"),
+        ("sampa", "unpaired"),
+    ]
+
+
+def _prev_kwargs(method, pairing, batches, t):
+    """``prev_batch`` for the paired methods that keep one (the batch at t=0)."""
+    if method in ("async_sam", "sampa") and pairing == "paired":
+        return {"prev_batch": batches[max(t - 1, 0)]}
+    return {}
+
+
+@pytest.mark.parametrize("method, pairing", _cases())
+def test_nnx_train_step_matches_reference_and_compiles_once(method, pairing):
     batches = _batches()
     model = CNN(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, TRANSFORMS[method](), wrt=nnx.Param)
     step = samx.flax.make_nnx_train_step(
-        nnx_loss, ascent_batch_size=8 if method == "async_sam" else None
+        nnx_loss,
+        ascent_batch_size=8 if method == "async_sam" else None,
+        pairing=pairing,
     )
 
     def kwargs(t):
-        return {"prev_batch": batches[max(t - 1, 0)]} if method == "sampa" else {}
+        return _prev_kwargs(method, pairing, batches, t)
 
     metrics = step(model, optimizer, batches[0], **kwargs(0))
     with count_compilations() as compiled:
@@ -167,13 +190,21 @@ def test_nnx_train_step_matches_reference_and_compiles_once(method):
 
     loss, params, stats = nnx_pure()
     want_params, want_stats, want_loss = reference_run(
-        TRANSFORMS[method](), method, loss, params, stats, batches
+        TRANSFORMS[method](), method, loss, params, stats, batches, pairing
     )
     got_params, got_stats = nnx_params_stats(model)
     _close(got_params, want_params)
     _close(got_stats, want_stats)
     _close(metrics["loss"], want_loss)
     _differ(got_stats, stats)  # the statistics did move
+    if method in ("async_sam", "sampa"):  # and the pairing matters
+        other = "unpaired" if pairing == "paired" else "paired"
+        _differ(
+            got_params,
+            reference_run(
+                TRANSFORMS[method](), method, loss, params, stats, batches, other
+            )[0],
+        )
 
 
 def test_nnx_sam_step_keeps_descent_stats_only():
@@ -291,15 +322,25 @@ def test_nnx_bad_inputs():
         grads(nnx_loss, model, sam_opt, {**batch, "w": jnp.float32(1.0)})
     with pytest.raises(ValueError, match="same leading batch size"):
         grads(nnx_loss, model, sam_opt, {**batch, "y": batch["y"][:8]})
-    with pytest.raises(ValueError, match="prev_batch.*not samx.sampa"):
+    with pytest.raises(ValueError, match="prev_batch.*evaluates no gradient on it"):
         grads(nnx_loss, model, sam_opt, batch, prev_batch=batch)
+    with pytest.raises(ValueError, match=r"prev_batch=\.\.\.\)` is required"):
+        grads(nnx_loss, model, async_opt, batch)
+    with pytest.raises(ValueError, match=r"pairing=\.\.\.\)` must be 'paired'"):
+        grads(nnx_loss, model, async_opt, batch, pairing="previous")
     with pytest.raises(ValueError, match="ascent_batch_size.*not samx.async_sam"):
         grads(nnx_loss, model, sam_opt, batch, ascent_batch_size=8)
     with pytest.raises(ValueError, match=r"ascent_batch_size.*\[1, 16\]"):
-        grads(nnx_loss, model, async_opt, batch, ascent_batch_size=32)
+        grads(nnx_loss, model, async_opt, batch, prev_batch=batch, ascent_batch_size=32)
     with pytest.raises(ValueError, match="not both"):
         grads(
-            nnx_loss, model, async_opt, batch, ascent_batch=batch, ascent_batch_size=8
+            nnx_loss,
+            model,
+            async_opt,
+            batch,
+            prev_batch=batch,
+            ascent_batch=batch,
+            ascent_batch_size=8,
         )
     with pytest.raises(TypeError, match="nnx.Optimizer"):
         samx.flax.nnx_train_step(model, sam_opt.opt_state, batch, nnx_loss)
@@ -340,17 +381,19 @@ def linen_state(tx):
     )
 
 
-@pytest.mark.parametrize("method", list(TRANSFORMS))
-def test_linen_train_step_matches_reference_and_compiles_once(method):
+@pytest.mark.parametrize("method, pairing", _cases())
+def test_linen_train_step_matches_reference_and_compiles_once(method, pairing):
     batches = _batches()
     state = linen_state(TRANSFORMS[method]())
     start = state
     step = samx.flax.make_linen_train_step(
-        linen_loss, ascent_batch_size=8 if method == "async_sam" else None
+        linen_loss,
+        ascent_batch_size=8 if method == "async_sam" else None,
+        pairing=pairing,
     )
 
     def kwargs(t):
-        return {"prev_batch": batches[max(t - 1, 0)]} if method == "sampa" else {}
+        return _prev_kwargs(method, pairing, batches, t)
 
     state, metrics = step(state, batches[0], **kwargs(0))
     with count_compilations() as compiled:
@@ -367,6 +410,7 @@ def test_linen_train_step_matches_reference_and_compiles_once(method):
         start.params,
         start.batch_stats,
         batches,
+        pairing,
     )
     _close(state.params, want_params)
     _close(state.batch_stats, want_stats)
@@ -423,7 +467,7 @@ def test_linen_multisteps_under_lax_cond_is_a_clear_error():
     state = linen_state(optax.MultiSteps(samx.sampa(optax.sgd(0.1)), 2))
     step = jax.jit(samx.flax.linen_train_step, static_argnames="loss_fn")
     with pytest.raises(RuntimeError, match="lax.cond"):
-        step(state, batch, linen_loss)
+        step(state, batch, linen_loss, prev_batch=batch)
 
 
 def test_linen_bad_inputs():

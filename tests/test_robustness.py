@@ -453,7 +453,8 @@ TRAINER_CASES = [
         ("async_sam", None),
         {},
         ValueError,
-        r"`batch` has no arrays",
+        r"must be a pytree of arrays with a leading batch axis, got a tree with no"
+        r" leaves",
     ),
     *[
         _case(
@@ -462,7 +463,8 @@ TRAINER_CASES = [
             (name, _SCALAR_LEAF),
             {},
             ValueError,
-            r"`batch` leaf \['x'\] is a scalar; every leaf needs a leading batch axis",
+            r"`samx\.runtime\.Trainer\.step\(batch=\.\.\.\)` must have a leading batch"
+            r" axis on every leaf; \['x'\] is a scalar",
         )
         for name in FACTORIES
     ],
@@ -472,8 +474,8 @@ TRAINER_CASES = [
         ("sampa", _RAGGED),
         {},
         ValueError,
-        r"`batch` leaves have different leading \(batch\) sizes: \['x'\]: 8,"
-        r" \['y'\]: 7",
+        r"`samx\.runtime\.Trainer\.step\(batch=\.\.\.\)`: every leaf must have the"
+        r" same leading batch size; \['x'\] has 8, \['y'\] has 7",
     ),
     *[
         _case(
@@ -572,7 +574,7 @@ CALIBRATE_CASES = [
         (_loss, PARAMS, _SCALAR_LEAF),
         {},
         ValueError,
-        r"`batch` leaf \['x'\] is a scalar",
+        r"must have a leading batch axis on every leaf; \['x'\] is a scalar",
     ),
     _case(
         "batch-leaves-of-different-sizes",
@@ -580,7 +582,7 @@ CALIBRATE_CASES = [
         (_loss, PARAMS, _RAGGED),
         {},
         ValueError,
-        r"`batch` leaves have different leading \(batch\) sizes",
+        r"every leaf must have the same leading batch size; \['x'\] has 8",
     ),
     _case(
         "loss-not-a-scalar",
@@ -644,6 +646,53 @@ METHOD_OF_CASES = [
         {},
         TypeError,
         r"method_of\(opt_state=\.\.\.\).*tx\.init\(params\)",
+    ),
+]
+
+EVALUATION_PLAN_CASES = [
+    _case(
+        "pairing-unknown",
+        samx.evaluation_plan,
+        (samx.async_sam(optax.sgd(0.1)).init(PARAMS),),
+        {"pairing": "lagged"},
+        ValueError,
+        r"`samx\.evaluation_plan\(pairing=\.\.\.\)` must be 'paired'.*got 'lagged'",
+    ),
+    _case(
+        "method-unknown",
+        samx.evaluation_plan,
+        (optax.sgd(0.1).init(PARAMS),),
+        {"method": "adam"},
+        ValueError,
+        r"`samx\.evaluation_plan\(method=\.\.\.\)` must be None.*'sam'.*got 'adam'",
+    ),
+    _case(
+        "the-transform-not-its-state",
+        samx.evaluation_plan,
+        (_SAMPA,),
+        {},
+        TypeError,
+        r"method_of\(opt_state=\.\.\.\).*tx\.init\(params\)",
+    ),
+]
+LIST_BATCH = {"x": np.ones((8, 3)).tolist(), "y": np.ones((8, 2), np.float32)}
+PAIRING_AND_LIST_CASES = [
+    _case(
+        "pairing-unknown",
+        runtime.Trainer,
+        (_SAMPA, _loss),
+        {"pairing": "previous"},
+        ValueError,
+        r"`Trainer\(pairing=\.\.\.\)` must be 'paired'",
+    ),
+    _case(
+        "batch-of-lists",
+        _trainer_step,
+        ("sam", LIST_BATCH),
+        {},
+        TypeError,
+        r"`samx\.runtime\.Trainer\.step\(batch=\.\.\.\)` must be a pytree of arrays;"
+        r" \['x'\]\[0\]\[0\] is a Python number inside a list.*np\.asarray",
     ),
 ]
 
@@ -1247,7 +1296,7 @@ ABSTRACT_STATE_CASES = [
         (),
         {},
         ValueError,
-        r"`abstract_state\(batch=\.\.\.\)` is required for SAMPa",
+        r"`abstract_state\(batch=\.\.\.\)` is required for sampa",
     ),
     _case(
         "params-none",
@@ -1279,7 +1328,7 @@ ABSTRACT_STATE_CASES = [
         (),
         {"batch": _SCALAR_LEAF},
         ValueError,
-        r"`batch` leaf \['x'\] is a scalar",
+        r"must have a leading batch axis on every leaf; \['x'\] is a scalar",
     ),
     _case(
         "batch-str-leaf",
@@ -1287,7 +1336,7 @@ ABSTRACT_STATE_CASES = [
         (),
         {"batch": _STR_BATCH},
         TypeError,
-        r"`batch` leaf \['x'\] must be an array, got str",
+        r"must be a pytree of arrays; \['x'\] is a str",
     ),
     _case(
         "batch-leaves-of-different-sizes",
@@ -1295,7 +1344,7 @@ ABSTRACT_STATE_CASES = [
         (),
         {"batch": _RAGGED},
         ValueError,
-        r"`batch` leaves have different leading \(batch\) sizes",
+        r"every leaf must have the same leading batch size; \['x'\] has 8",
     ),
     _case(
         "mesh-batch-not-divisible",
@@ -1303,7 +1352,8 @@ ABSTRACT_STATE_CASES = [
         (),
         {"batch": _BATCH_6, "trainer_kwargs": {"descent_device": _MESH}},
         ValueError,
-        r"`abstract_state\(batch=\.\.\.\)`: the batch size 6 is not divisible by"
+        r"`samx\.runtime\.abstract_state\(batch=\.\.\.\)`: the batch size 6 is not"
+        r" divisible by"
         r" the 8 devices of the mesh axis 'data'",
     ),
 ]
@@ -1433,7 +1483,8 @@ DATA_PARALLEL_CASES = [
             (),
             {"batch": _BATCH_6, "mesh": mesh},
             ValueError,
-            rf"`{_DP}`'s step: the batch size 6 is not divisible by the {n} devices"
+            r"`make_data_parallel_step\(\.\.\.\)\(batch=\.\.\.\)`: the batch size 6 is"
+            rf" not divisible by the {n} devices"
             r" of the mesh axis 'data'",
         )
         for where, mesh, n in [("1d-mesh", _MESH, 8), ("2d-mesh", _MESH_2D, 4)]
@@ -1444,7 +1495,8 @@ DATA_PARALLEL_CASES = [
         (),
         {"batch": None},
         ValueError,
-        r"`batch` has no arrays",
+        r"must be a pytree of arrays with a leading batch axis, got a tree with no"
+        r" leaves",
     ),
     _case(
         "step-batch-scalar-leaf",
@@ -1452,7 +1504,7 @@ DATA_PARALLEL_CASES = [
         (),
         {"batch": _SCALAR_LEAF},
         ValueError,
-        r"`batch` leaf \['x'\] is a scalar",
+        r"must have a leading batch axis on every leaf; \['x'\] is a scalar",
     ),
     _case(
         "step-batch-str-leaf",
@@ -1460,7 +1512,7 @@ DATA_PARALLEL_CASES = [
         (),
         {"batch": _STR_BATCH},
         TypeError,
-        r"`batch` leaf \['x'\] must be an array, got str",
+        r"must be a pytree of arrays; \['x'\] is a str",
     ),
     _case(
         "step-batch-leaves-of-different-sizes",
@@ -1468,7 +1520,7 @@ DATA_PARALLEL_CASES = [
         (),
         {"batch": _RAGGED},
         ValueError,
-        r"`batch` leaves have different leading \(batch\) sizes",
+        r"every leaf must have the same leading batch size; \['x'\] has 8",
     ),
     *[
         _case(
@@ -1605,7 +1657,7 @@ TRAINER_MESH_CASES = [
         ("sam", _STR_BATCH),
         {},
         TypeError,
-        r"`batch` leaf \['x'\] must be an array, got str",
+        r"must be a pytree of arrays; \['x'\] is a str",
     ),
     *[
         _case(
@@ -1614,7 +1666,8 @@ TRAINER_MESH_CASES = [
             (name, _BATCH_6),
             {"descent_device": _MESH},
             ValueError,
-            r"`Trainer\.step\(batch=\.\.\.\)`: the batch size 6 is not divisible by"
+            r"`samx\.runtime\.Trainer\.step\(batch=\.\.\.\)`: the batch size 6 is not"
+            r" divisible by"
             r" the 8 devices of the mesh axis 'data'",
         )
         for name in FACTORIES
@@ -1723,7 +1776,27 @@ def _common_flax_cases(name, call, state_arg):
             {"batch": _FB_RAGGED},
             ValueError,
             rf"`{fn}\(batch=\.\.\.\)`: every leaf must have the same leading batch"
-            r" size; \['y'\] has 3, an earlier leaf has 4",
+            r" size; \['x'\] has 4, \['y'\] has 3",
+        ),
+        *[
+            _case(
+                f"prev_batch-missing-{method}",
+                call,
+                (method,),
+                {},
+                ValueError,
+                rf"`{fn}\(prev_batch=\.\.\.\)` is required: samx\.{method}"
+                r" \(pairing='paired'\).*or pairing='unpaired'",
+            )
+            for method in ("async_sam", "sampa")
+        ],
+        _case(
+            "pairing-unknown",
+            call,
+            ("async_sam",),
+            {"pairing": "lagged"},
+            ValueError,
+            rf"`{fn}\(pairing=\.\.\.\)` must be 'paired'.*got 'lagged'",
         ),
         *[
             _case(
@@ -1732,14 +1805,18 @@ def _common_flax_cases(name, call, state_arg):
                 (method,),
                 {arg: value},
                 ValueError,
-                rf"`{fn}\({arg}=\.\.\.\)` .*the optimizer's transform is"
-                rf" '{method}', not samx\.{want}",
+                rf"`{fn}\({arg}=\.\.\.\)` .*the optimizer's transform {want}",
             )
             for arg, value, method, want in [
-                ("prev_batch", _FB, "sam", "sampa"),
-                ("prev_batch", _FB, "plain", "sampa"),
-                ("ascent_batch_size", 2, "sam", "async_sam"),
-                ("ascent_batch", _FB, "sampa", "async_sam"),
+                ("prev_batch", _FB, "sam", r"\('sam', pairing='paired'\) evaluates no"),
+                (
+                    "prev_batch",
+                    _FB,
+                    "plain",
+                    r"\('plain', pairing='paired'\) evaluates",
+                ),
+                ("ascent_batch_size", 2, "sam", r"is 'sam', not samx\.async_sam"),
+                ("ascent_batch", _FB, "sampa", r"is 'sampa', not samx\.async_sam"),
             ]
         ],
         *[
@@ -1933,7 +2010,7 @@ MAKE_NNX_CASES = [
         (),
         {"prev_batch": _FB},
         ValueError,
-        rf"`{_STEP_NNX}\(prev_batch=\.\.\.\)` is SAMPa's batch",
+        rf"`{_STEP_NNX}\(prev_batch=\.\.\.\)` is the previous step's batch",
     ),
     _case(
         "step-batch-scalar-leaf",
@@ -2114,7 +2191,7 @@ MAKE_LINEN_CASES = [
         (),
         {"prev_batch": _FB},
         ValueError,
-        rf"`{_STEP_LINEN}\(prev_batch=\.\.\.\)` is SAMPa's batch",
+        rf"`{_STEP_LINEN}\(prev_batch=\.\.\.\)` is the previous step's batch",
     ),
     _case(
         "step-batch-scalar-leaf",
@@ -2313,6 +2390,8 @@ CASES = [
     *_prefixed("calibrate_ascent_batch", CALIBRATE_CASES),
     *_prefixed("grad_fn_points", POINTS_CASES),
     *_prefixed("method_of", METHOD_OF_CASES),
+    *_prefixed("evaluation_plan", EVALUATION_PLAN_CASES),
+    *_prefixed("Trainer", PAIRING_AND_LIST_CASES),
     *_prefixed("microbatched", MICROBATCHED_CASES),
     *_prefixed("skip_nonfinite", SKIP_NONFINITE_CASES),
     *DIAGNOSTICS_MORE_CASES,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import count_compilations, mlp_problem, pure_step
+from _testing import async_sam_reference, count_compilations, mlp_problem, pure_step
 
 import samx
 from samx.runtime import Trainer, calibrate_ascent_batch, method_of
@@ -27,9 +27,9 @@ def _numpy_batches(sample, n, seed=1):
     ]
 
 
-def _pure_trajectory(tx, method, params, loss, batches):
-    """The pure transform in one jit, with the Trainer's pinned batch semantics."""
-    step = jax.jit(pure_step(tx, method, loss, ASCENT))
+def _pure_trajectory(tx, method, params, loss, batches, pairing="paired"):
+    """The pure transform in one jit, fed the batches of ``pairing`` by hand."""
+    step = jax.jit(pure_step(tx, method, loss, ASCENT, pairing))
     state, prev, out = tx.init(params), batches[0], []
     for batch in batches:
         params, state = step(params, state, prev, batch)
@@ -59,8 +59,30 @@ PLACEMENTS = [
 ]
 
 
+def _assert_trajectory(trainer, batches, expected, two_devices, method):
+    state = trainer.init(expected["params0"])
+    with jax.transfer_guard("disallow"):
+        for t, batch in enumerate(batches):
+            state, metrics = trainer.step(state, batch)
+            assert _devices(state.params) == {CPU0}
+            assert metrics["grad_norm"].devices() == {CPU0}
+            if method in ("async_sam", "sampa"):
+                where = CPU1 if two_devices else CPU0
+                assert metrics["ascent_grad_norm"].devices() == {where}
+            for x, y in zip(
+                jax.tree.leaves(state.params),
+                jax.tree.leaves(expected["trajectory"][t]),
+                strict=True,
+            ):
+                np.testing.assert_allclose(
+                    x, y, rtol=1e-5, atol=1e-5, err_msg=f"step {t}"
+                )
+    assert int(state.step) == len(batches)
+
+
+@pytest.mark.parametrize("pairing", ["paired", "unpaired"])
 @pytest.mark.parametrize("name, two_devices, vmap", PLACEMENTS)
-def test_trajectory_equals_the_pure_transform(name, two_devices, vmap):
+def test_trajectory_equals_the_pure_transform(name, two_devices, vmap, pairing):
     params, loss, sample = mlp_problem(jax.random.key(0), batch=32)
     batches = _numpy_batches(sample, 12)
     tx = TRANSFORMS[name]()
@@ -72,24 +94,56 @@ def test_trajectory_equals_the_pure_transform(name, two_devices, vmap):
         ascent_device=CPU1 if two_devices else CPU0,
         ascent_batch_size=ASCENT if method == "async_sam" else None,
         sampa_vmap=vmap,
+        pairing=pairing,
     )
-    state = trainer.init(params)
-    expected = _pure_trajectory(TRANSFORMS[name](), method, params, loss, batches)
-    with jax.transfer_guard("disallow"):
-        for t, batch in enumerate(batches):
-            state, metrics = trainer.step(state, batch)
-            assert _devices(state.params) == {CPU0}
-            assert metrics["grad_norm"].devices() == {CPU0}
-            if method in ("async_sam", "sampa"):
-                where = CPU1 if two_devices else CPU0
-                assert metrics["ascent_grad_norm"].devices() == {where}
-            for x, y in zip(
-                jax.tree.leaves(state.params), jax.tree.leaves(expected[t]), strict=True
-            ):
-                np.testing.assert_allclose(
-                    x, y, rtol=1e-5, atol=1e-5, err_msg=f"step {t}"
-                )
-    assert int(state.step) == len(batches)
+    expected = _pure_trajectory(
+        TRANSFORMS[name](), method, params, loss, batches, pairing
+    )
+    _assert_trajectory(
+        trainer,
+        batches,
+        {"params0": params, "trajectory": expected},
+        two_devices,
+        method,
+    )
+
+
+@pytest.mark.parametrize("pairing", ["paired", "unpaired"])
+@pytest.mark.parametrize("two_devices", [True, False])
+def test_async_sam_equals_a_hand_written_reference(two_devices, pairing):
+    # AsyncSAM written out from ALGORITHMS.md (no samx in the reference), b' < b:
+    # paired, the descent of step t runs on B_{t-1}, where a_{t-1} came from.
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=32)
+    batches = _numpy_batches(sample, 12)
+    base = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
+    trainer = Trainer(
+        samx.async_sam(base(), rho=0.05),
+        loss,
+        descent_device=CPU0,
+        ascent_device=CPU1 if two_devices else CPU0,
+        ascent_batch_size=ASCENT,
+        pairing=pairing,
+    )
+    expected = async_sam_reference(
+        base(), params, loss, batches, rho=0.05, ascent=ASCENT, pairing=pairing
+    )
+    _assert_trajectory(
+        trainer,
+        batches,
+        {"params0": params, "trajectory": expected},
+        two_devices,
+        "async_sam",
+    )
+    other = async_sam_reference(
+        base(),
+        params,
+        loss,
+        batches,
+        rho=0.05,
+        ascent=ASCENT,
+        pairing="unpaired" if pairing == "paired" else "paired",
+    )
+    assert np.abs(other[-1]["layer0"]["w"] - expected[-1]["layer0"]["w"]).max() > 1e-4
 
 
 @pytest.mark.parametrize("name", ["async_sam", "sampa-0.2", "sam"])
@@ -290,9 +344,25 @@ def test_batch_leaves_with_different_leading_sizes():
     trainer = Trainer(TRANSFORMS["sam"](), loss)
     bad = {"x": np.zeros((16, 8), np.float32), "y": np.zeros((15, 4), np.float32)}
     with pytest.raises(
-        ValueError, match=r"different leading.*\['x'\]: 16.*\['y'\]: 15"
+        ValueError, match=r"same leading batch size; \['x'\] has 16, \['y'\] has 15"
     ):
         trainer.step(trainer.init(params), bad)
+
+
+@pytest.mark.parametrize("name", ["async_sam", "sampa-0.2"])
+def test_a_batch_whose_size_changes_gets_a_clear_error(name):
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batch = _numpy_batches(sample, 1)[0]
+    trainer = Trainer(TRANSFORMS[name](), loss, ascent_device=CPU1)
+    state, _ = trainer.step(trainer.init(params), batch)
+    smaller = jax.tree.map(lambda x: x[:8], batch)
+    with pytest.raises(ValueError, match=r"batch size changed from 16 to 8"):
+        trainer.step(state, smaller)
+
+
+def test_bad_pairing():
+    with pytest.raises(ValueError, match=r"`Trainer\(pairing=...\)` must be 'paired'"):
+        Trainer(TRANSFORMS["async_sam"](), lambda p, b: 0.0, pairing="lagged")
 
 
 def test_loss_must_be_a_scalar_and_callable():

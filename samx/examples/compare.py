@@ -1,11 +1,14 @@
 """Compare SGD and the sharpness-aware optimizers on noisy digits.
 
 Trains the same MLP with each optimizer (SGD, optax.contrib.sam, SAM, ASAM,
-AsyncSAM with an ascent batch of b/4, SAMPa-0 and SAMPa-0.2) on scikit-learn's
-bundled digits data (no download) whose training labels carry symmetric noise,
-with the same initialisation and batch order per seed, and prints the test
-accuracy and the training wall time per optimizer. Run ``python -m samx.examples.compare
---help`` (or ``samx-compare --help``) for the options.
+AsyncSAM with an ascent batch of b/4 and of b, SAMPa-0 and SAMPa-0.2) on
+scikit-learn's bundled digits data (no download) whose training labels carry
+symmetric noise, with the same initialisation and batch order per seed, and
+prints the test accuracy and the training wall time per optimizer. AsyncSAM
+and SAMPa perturb the descent on the examples their perturbation came from
+(see :func:`samx.evaluation_plan`); ``--optimizers`` also takes the unpaired
+AsyncSAM variants. Run ``python -m samx.examples.compare --help`` (or
+``samx-compare --help``) for the options.
 """
 
 import argparse
@@ -16,7 +19,7 @@ import platform
 import statistics
 import sys
 
-from samx.examples.train import METHODS
+from samx.examples.train import ALL, METHODS
 
 DEFAULT_METHODS = tuple(METHODS)
 
@@ -29,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizers",
         default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, from: {', '.join(METHODS)} (default: all)",
+        help=f"comma-separated, from: {', '.join(ALL)} (default:"
+        f" {', '.join(DEFAULT_METHODS)})",
     )
     p.add_argument(
         "--seeds", type=int, default=None, help="seeds per optimizer (default 3)"
@@ -59,11 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in ALL]
     if unknown or not names:
         parser.error(
             f"--optimizers: unknown {', '.join(unknown) or '(none given)'};"
-            f" choose from {', '.join(METHODS)}"
+            f" choose from {', '.join(ALL)}"
         )
     args.optimizers = list(dict.fromkeys(names))
     if args.seeds is None:
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, list]:
                 bar.set_postfix_str(f"{name}, seed {seed}")
             results[name].append(
                 train_classifier(
-                    METHODS[name],
+                    ALL[name],
                     data,
                     seed=seed,
                     epochs=args.epochs,
@@ -125,7 +129,7 @@ def table(results: dict[str, list], noise: float) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
-        method = METHODS[name]
+        method = ALL[name]
         accs = [r.test_accuracy for r in runs]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         wall = statistics.mean(r.train_seconds for r in runs)

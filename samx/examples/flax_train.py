@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 import samx.flax
+from samx import _plan
 from samx.examples import flax_models
 from samx.examples.data import Dataset
 from samx.examples.train import METHODS, Method, base_optimizer
@@ -37,7 +38,7 @@ LEARNING_RATE = 0.1
 # The methods the samx.flax helpers run: SGD and samx's transforms. Not
 # optax.contrib.sam, whose state the helpers do not recognise (they would call
 # it as a plain optax transform, without its `grad_fn`).
-FLAX_METHODS = tuple(name for name in METHODS if name != "optax_sam")
+FLAX_METHODS = tuple(name for name, m in METHODS.items() if m.convention is None)
 
 
 @dataclasses.dataclass
@@ -96,10 +97,13 @@ def _check_sizes(fn: str, data: Dataset, epochs: int, batch_size: int) -> None:
         )
 
 
-def _ascent_batch_size(method: Method, batch_size: int) -> int | None:
-    if method.kind != "async":
-        return None
-    return max(1, int(batch_size * method.ascent_fraction))
+def _loop_options(method: Method, opt_state: Any, batch_size: int) -> tuple:
+    """``(step options, whether the step takes prev_batch)``, from the plan."""
+    plan = method.plan(opt_state)
+    options = {"pairing": method.pairing}
+    if plan.uses(_plan.ASCENT):
+        options["ascent_batch_size"] = method.ascent_batch_size(batch_size)
+    return options, plan.uses(_plan.PREVIOUS)
 
 
 def _fit(
@@ -132,7 +136,7 @@ def _fit(
         total = jnp.zeros((), jnp.float32)
         for i in range(steps_per_epoch):
             batch = {"x": xs[i], "y": ys[i]}
-            # SAMPa's descent pass runs on the previous step's batch.
+            # AsyncSAM's and SAMPa's descent pass: the previous step's batch.
             total = total + step(batch, batch if prev is None else prev)
             prev = batch
         total = float(total)  # the only host sync of the epoch
@@ -167,9 +171,10 @@ def train_nnx(
     wrt=nnx.Param)`` with ``tx = METHODS[method_name].wrap(base)``, ``base``
     being :func:`samx.examples.train.base_optimizer` over all the steps. The
     steps are :func:`samx.flax.make_nnx_train_step` (AsyncSAM's ascent batch is
-    the first quarter of each batch; SAMPa's descent pass uses the previous
-    step's batch), over ``len(data.x_train) // batch_size`` shuffled batches
-    per epoch, the same ones for every method with the same ``seed``.
+    the first quarter of each batch; AsyncSAM's and SAMPa's descent pass uses
+    the previous step's batch, as their evaluation plan says), over
+    ``len(data.x_train) // batch_size`` shuffled batches per epoch, the same
+    ones for every method with the same ``seed``.
     BatchNorm's statistics come from the descent pass only.
 
     Args:
@@ -201,10 +206,8 @@ def train_nnx(
     model = flax_models.CNN(rngs=nnx.Rngs(seed))
     tx = method.wrap(base_optimizer(learning_rate, steps))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    train_step = samx.flax.make_nnx_train_step(
-        flax_models.nnx_loss, ascent_batch_size=_ascent_batch_size(method, batch_size)
-    )
-    prev_arg = method.kind == "sampa"
+    options, prev_arg = _loop_options(method, optimizer.opt_state, batch_size)
+    train_step = samx.flax.make_nnx_train_step(flax_models.nnx_loss, **options)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
     @nnx.jit
@@ -289,10 +292,8 @@ def train_linen(
         batch_stats=batch_stats,
         tx=method.wrap(base_optimizer(learning_rate, steps)),
     )
-    train_step = samx.flax.make_linen_train_step(
-        flax_models.linen_loss, ascent_batch_size=_ascent_batch_size(method, batch_size)
-    )
-    prev_arg = method.kind == "sampa"
+    options, prev_arg = _loop_options(method, state.opt_state, batch_size)
+    train_step = samx.flax.make_linen_train_step(flax_models.linen_loss, **options)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
     @jax.jit

@@ -2,7 +2,7 @@
 
 import statistics
 
-from samx.examples.train import METHODS
+from samx.examples.train import ALL
 
 
 def _pyplot():
@@ -22,7 +22,7 @@ def accuracy_vs_time(results: dict, path: str, title: str = "") -> None:
         epochs = len(runs[0].curve)
         seconds = [statistics.mean(r.curve[e][0] for r in runs) for e in range(epochs)]
         accs = [statistics.mean(r.curve[e][1] for r in runs) for e in range(epochs)]
-        ax.plot(seconds, accs, label=METHODS[name].label)
+        ax.plot(seconds, accs, label=ALL[name].label)
     ax.set_xlabel("training wall time (s), compilation excluded")
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.set_title(title)
@@ -46,7 +46,7 @@ def final_accuracy(results: dict, path: str, title: str = "") -> None:
     ]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
-    ax.set_xticks(range(len(names)), [METHODS[n].label for n in names], rotation=30)
+    ax.set_xticks(range(len(names)), [ALL[n].label for n in names], rotation=30)
     ax.set_ylabel("final test accuracy (mean ± std over seeds)")
     ax.set_ylim(max(0.0, min(means) - 0.15), min(1.0, max(means) + 0.08))
     ax.set_title(title)

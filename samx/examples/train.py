@@ -1,9 +1,11 @@
 """Methods, jitted train steps and a training loop shared by the CLI and benchmarks.
 
-Each :class:`Method` knows how its transform is called: which gradient is
-passed as ``updates`` and which batch ``grad_fn(p, i)`` evaluates on. A train
-step carries ``(params, opt_state, prev_batch)``: SAMPa evaluates its perturbed
-gradient on the previous step's batch (the current one at the first step).
+A :class:`Method` is a transform and the options of its loop; which batch
+each of its gradients sees comes from the transform's evaluation plan
+(:func:`samx.evaluation_plan`), the same rules the runtime and the Flax
+helpers follow. A train step carries ``(params, opt_state, prev_batch)``:
+AsyncSAM and SAMPa evaluate their perturbed gradient on the previous step's
+batch (the current one at the first step).
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import numpy as np
 import optax
 
 import samx
+from samx import _plan
 from samx.examples import models
 
 Loss = Callable[[Any, Any], jax.Array]
@@ -29,24 +32,36 @@ class Method:
     Attributes:
       name: the key used on the command line.
       label: a human-readable name.
-      kind: how ``update`` is called: "plain", "sam" (both gradients on the
-        current batch), "async" (the ascent gradient on the first
-        ``ascent_fraction`` of the batch), "sampa" (``grad_fn(., 0)`` on the
-        previous batch, ``grad_fn(., 1)`` on the current one) or "sampa_vmap"
-        (the same, both gradients in one ``vmap``-ed call).
       wrap: builds the transform from the base optimizer.
       sequential_grads: gradients that must run one after the other per step,
         given a device for each gradient (AsyncSAM's and SAMPa's two
         gradients are independent; on one device they still take turns).
-      ascent_fraction: the ascent batch as a fraction of the batch ("async").
+      ascent_fraction: AsyncSAM's ascent batch as a fraction of the batch.
+      pairing: ``"paired"`` or ``"unpaired"`` (:func:`samx.evaluation_plan`).
+      fused: compute the independent gradients of a step (SAMPa's) in one
+        ``vmap``-ed call.
+      convention: the plan's method for a transform samx does not recognise
+        from its state (``"sam"`` for ``optax.contrib.sam`` in opaque mode).
     """
 
     name: str
     label: str
-    kind: str
     wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation]
     sequential_grads: int
     ascent_fraction: float = 1.0
+    pairing: str = "paired"
+    fused: bool = False
+    convention: str | None = None
+
+    def plan(self, opt_state: Any) -> _plan.EvaluationPlan:
+        """The evaluation plan of this method's transform."""
+        return samx.evaluation_plan(
+            opt_state, pairing=self.pairing, method=self.convention
+        )
+
+    def ascent_batch_size(self, batch_size: int) -> int:
+        """AsyncSAM's ascent batch ``b'`` for a batch of ``batch_size``."""
+        return max(1, int(batch_size * self.ascent_fraction))
 
 
 # Radii for the main job (MLP on digits, lr 0.01, 60 epochs, 40% label noise),
@@ -64,60 +79,80 @@ def _optax_sam(base, rho):
     return optax.contrib.sam(base, adversary, sync_period=2, opaque_mode=True)
 
 
+def _async_sam(base):
+    return samx.async_sam(base, rho=SAM_RHO)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("sgd", "SGD", "plain", lambda base: base, 1),
+        Method("sgd", "SGD", lambda base: base, 1),
         Method(
             "optax_sam",
             "optax.contrib.sam",
-            "sam",
             lambda base: _optax_sam(base, SAM_RHO),
             2,
+            convention="sam",
         ),
-        Method("sam", "SAM", "sam", lambda base: samx.sam(base, rho=SAM_RHO), 2),
+        Method("sam", "SAM", lambda base: samx.sam(base, rho=SAM_RHO), 2),
         Method(
             "asam",
             "ASAM",
-            "sam",
             lambda base: samx.sam(base, rho=ASAM_RHO, adaptive=True),
             2,
         ),
-        Method(
-            "async_sam",
-            "AsyncSAM (b/4)",
-            "async",
-            lambda base: samx.async_sam(base, rho=SAM_RHO),
-            1,
-            ascent_fraction=0.25,
-        ),
+        Method("async_sam", "AsyncSAM (b/4)", _async_sam, 1, ascent_fraction=0.25),
+        Method("async_sam_b", "AsyncSAM (b)", _async_sam, 1),
         Method(
             "sampa0",
             "SAMPa-0",
-            "sampa",
             lambda base: samx.sampa(base, rho=SAM_RHO, lam=0.0),
             1,
         ),
         Method(
             "sampa",
             f"SAMPa-{SAMPA_LAM}",
-            "sampa",
             lambda base: samx.sampa(base, rho=SAM_RHO, lam=SAMPA_LAM),
             1,
         ),
     ]
 }
 
-# Not in the main job's comparison (same trajectory as "sampa"): a benchmark row.
+# Not in the main job's comparison: AsyncSAM with the ascent of the previous
+# batch perturbing the descent on the current one (the paper's literal
+# reading; benchmarks/accuracy.py), and SAMPa's gradients in one vmap-ed call
+# (the same trajectory as "sampa"; benchmarks/step_time.py).
 VARIANTS: dict[str, Method] = {
-    "sampa_fused": Method(
-        "sampa_fused",
-        f"SAMPa-{SAMPA_LAM} (vmap)",
-        "sampa_vmap",
-        lambda base: samx.sampa(base, rho=SAM_RHO, lam=SAMPA_LAM),
-        1,
-    ),
+    m.name: m
+    for m in [
+        Method(
+            "async_sam_unpaired",
+            "AsyncSAM (b/4), unpaired",
+            _async_sam,
+            1,
+            ascent_fraction=0.25,
+            pairing="unpaired",
+        ),
+        Method(
+            "async_sam_b_unpaired",
+            "AsyncSAM (b), unpaired",
+            _async_sam,
+            1,
+            pairing="unpaired",
+        ),
+        Method(
+            "sampa_fused",
+            f"SAMPa-{SAMPA_LAM} (vmap)",
+            lambda base: samx.sampa(base, rho=SAM_RHO, lam=SAMPA_LAM),
+            1,
+            fused=True,
+        ),
+    ]
 }
+
+
+# Every method by name: the comparison's and the variants.
+ALL: dict[str, Method] = {**METHODS, **VARIANTS}
 
 
 def base_optimizer(
@@ -134,56 +169,32 @@ def base_optimizer(
 def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
     """The train step ``(params, opt_state, prev_batch), batch -> (carry, None)``.
 
-    It computes exactly the gradients the method needs and nothing more (no
-    extra forward pass for a loss value), so that step times compare the
-    methods' own costs. Not jitted: jit it, or scan it over batches.
+    It computes exactly the gradients the method's plan asks for, each on the
+    batch the plan gives it, and nothing more (no extra forward pass for a
+    loss value), so that step times compare the methods' own costs. Not
+    jitted: jit it, or scan it over batches.
     """
     grad = jax.grad(loss)
 
     def step(carry, batch):
         params, opt_state, prev_batch = carry
-        if method.kind == "plain":
-            updates, opt_state = tx.update(grad(params, batch), opt_state, params)
-        elif method.kind == "sam":
-            updates, opt_state = tx.update(
-                grad(params, batch),
-                opt_state,
-                params,
-                grad_fn=lambda p, i: grad(p, batch),
-            )
-        elif method.kind == "async":
-            size = jax.tree.leaves(batch)[0].shape[0]
-            ascent = max(1, int(size * method.ascent_fraction))
-            small = jax.tree.map(lambda x: x[:ascent], batch)
-            updates, opt_state = tx.update(
-                grad(params, small),  # the ascent gradient, on b' examples
-                opt_state,
-                params,
-                grad_fn=lambda p, i: grad(p, batch),
-            )
-        elif method.kind == "sampa_vmap":
-            from samx.runtime import grad_fn_points
+        plan = method.plan(opt_state)
+        size = jax.tree.leaves(batch)[0].shape[0]
+        batches = _plan.select_batches(
+            plan, batch, prev_batch, ascent_batch_size=method.ascent_batch_size(size)
+        )
+        if method.fused:  # the independent gradients in one vmap-ed call
+            points = _plan.evaluation_points(plan, tx, params, opt_state)
+            grads = _plan.stacked_call(grad, points, batches)
 
-            points = grad_fn_points(tx, None, opt_state, params)
-            stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), points[0], points[1])
-            pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), prev_batch, batch)
-            grads = jax.vmap(grad)(stacked, pair)  # both gradients in one call
-            updates, opt_state = tx.update(
-                None,
-                opt_state,
-                params,
-                grad_fn=lambda p, i: jax.tree.map(lambda g: g[i], grads),
-            )
-        elif method.kind == "sampa":
-            batches = (prev_batch, batch)
-            updates, opt_state = tx.update(
-                None,  # not used by SAMPa: both gradients come from grad_fn
-                opt_state,
-                params,
-                grad_fn=lambda p, i: grad(p, batches[i]),
-            )
+            def gradient(e, point):
+                return grads[e.index]
         else:
-            raise ValueError(f"unknown method kind {method.kind!r}")
+
+            def gradient(e, point):
+                return grad(point, batches[e.index])
+
+        updates, opt_state = _plan.plan_update(plan, tx, params, opt_state, gradient)
         params = optax.apply_updates(params, updates)
         return (params, opt_state, batch), None
 

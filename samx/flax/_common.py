@@ -15,11 +15,10 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from samx import _checks
+from samx import _checks, _plan
 
 PassFn = Callable[[Any, Any], tuple[jax.Array, tuple[Any, Any]]]
 
-_METHODS = ("sam", "async_sam", "sampa", "plain")
 _MISSING = object()
 
 
@@ -53,64 +52,36 @@ def describe(x: Any) -> str:
     return type(x).__name__
 
 
-def check_batch(fn: str, name: str, batch: Any) -> int:
-    """Checks that every leaf of ``batch`` has the same leading (batch) axis."""
-    leaves = jax.tree_util.tree_leaves_with_path(batch)
-    if not leaves:
-        raise ValueError(
-            f"`{fn}({name}=...)` must be a pytree of arrays with a leading batch"
-            " axis, got a tree with no leaves."
-        )
-    size = None
-    for path, leaf in leaves:
-        shape = np.shape(leaf)
-        where = jax.tree_util.keystr(path) or "the batch"
-        if not hasattr(leaf, "shape") and not isinstance(
-            leaf, (bool, int, float, complex)
-        ):
-            raise TypeError(
-                f"`{fn}({name}=...)` must be a pytree of arrays; {where} is a"
-                f" {type(leaf).__name__}."
-            )
-        if len(shape) == 0:
-            raise ValueError(
-                f"`{fn}({name}=...)` must have a leading batch axis on every leaf;"
-                f" {where} is a scalar."
-            )
-        if size is None:
-            size = shape[0]
-        elif shape[0] != size:
-            raise ValueError(
-                f"`{fn}({name}=...)`: every leaf must have the same leading batch"
-                f" size; {where} has {shape[0]}, an earlier leaf has {size}."
-            )
-    return int(size)
+check_batch = _plan.check_batch
 
 
-def check_method_args(
+def check_plan_args(
     fn: str,
-    method: str,
+    plan: _plan.EvaluationPlan,
     *,
     ascent_batch: Any,
     ascent_batch_size: Any,
     prev_batch: Any,
 ) -> None:
-    """Checks that the optional batches fit the method found in the state."""
-    if method not in _METHODS:  # pragma: no cover - guarded by method_of
-        raise ValueError(f"{fn}: unknown method {method!r}.")
-    if prev_batch is not None and method != "sampa":
+    """Checks that the optional batches fit the plan of the optimizer's method.
+
+    The batches themselves are checked afterwards, and a missing ``prev_batch``
+    last (:func:`require_prev_batch`).
+    """
+    if prev_batch is not None and not plan.uses(_plan.PREVIOUS):
         raise ValueError(
-            f"`{fn}(prev_batch=...)` is SAMPa's batch for its perturbed gradient,"
-            f" but the optimizer's transform is {method!r}, not samx.sampa."
+            f"`{fn}(prev_batch=...)` is the previous step's batch, but the"
+            f" optimizer's transform ({plan.method!r}, pairing={plan.pairing!r})"
+            " evaluates no gradient on it."
         )
     for name, value in (
         ("ascent_batch", ascent_batch),
         ("ascent_batch_size", ascent_batch_size),
     ):
-        if value is not None and method != "async_sam":
+        if value is not None and not plan.uses(_plan.ASCENT):
             raise ValueError(
                 f"`{fn}({name}=...)` sets AsyncSAM's ascent batch, but the"
-                f" optimizer's transform is {method!r}, not samx.async_sam."
+                f" optimizer's transform is {plan.method!r}, not samx.async_sam."
             )
     if ascent_batch is not None and ascent_batch_size is not None:
         raise ValueError(
@@ -118,22 +89,27 @@ def check_method_args(
         )
 
 
-def ascent_batch_of(
-    fn: str, batch: Any, size: int, ascent_batch: Any, ascent_batch_size: Any
-) -> Any:
-    """AsyncSAM's ascent batch: given, the first b' examples, or the batch."""
-    if ascent_batch is not None:
-        check_batch(fn, "ascent_batch", ascent_batch)
-        return ascent_batch
-    if ascent_batch_size is None:
-        return batch
-    if not _checks.is_int(ascent_batch_size) or not 1 <= ascent_batch_size <= size:
+def require_prev_batch(fn: str, plan: _plan.EvaluationPlan, prev_batch: Any) -> None:
+    """A clear error when the plan needs the previous batch and it is missing."""
+    if prev_batch is None and plan.uses(_plan.PREVIOUS):
+        raise ValueError(
+            f"`{fn}(prev_batch=...)` is required: samx.{plan.method}"
+            " (pairing='paired') evaluates its perturbed gradient on the"
+            " previous step's batch, the examples its perturbation came from."
+            " Pass the previous batch (the current batch itself at the first"
+            " step), or pairing='unpaired' to use the current batch."
+        )
+
+
+def check_ascent_subset(fn: str, size: int, ascent_batch_size: Any) -> None:
+    """Checks ``ascent_batch_size`` against the batch size."""
+    if ascent_batch_size is not None and (
+        not _checks.is_int(ascent_batch_size) or not 1 <= ascent_batch_size <= size
+    ):
         raise ValueError(
             f"`{fn}(ascent_batch_size=...)` must be an int in [1, {size}] (the"
             f" batch size), got {ascent_batch_size!r}."
         )
-    n = int(ascent_batch_size)
-    return jax.tree.map(lambda x: x[:n], batch)
 
 
 def split_output(fn: str, out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
@@ -201,14 +177,15 @@ class DescentGradFn:
 
     Made by :func:`samx.flax.nnx_grads` and :func:`samx.flax.linen_grads`; pass
     it to the optimizer as ``grad_fn=``. Each call returns the loss gradient at
-    ``params`` on the batch for evaluation ``i`` (SAMPa's ``i = 0``: the
+    ``params`` on the batch of evaluation ``i`` in the method's evaluation plan
+    (:func:`samx.evaluation_plan`: for AsyncSAM's and SAMPa's ``i = 0``, the
     previous batch; otherwise the current batch), always starting from the
-    model state of the start of the step. Only the call with ``i = 0``, the
-    descent pass, keeps what the forward pass did to the model state (BatchNorm
-    statistics, RNG counts): it records it here, and the NNX helper also writes
-    it into the model. For a plain optax transform, which makes no ``grad_fn``
-    call, the pass that produced ``grads`` is the descent pass and was recorded
-    when this object was made.
+    model state of the start of the step. Only the descent pass (``i = 0``)
+    keeps what the forward pass did to the model state (BatchNorm statistics,
+    RNG counts): it records it here, and the NNX helper also writes it into
+    the model. For a plain optax transform, which makes no ``grad_fn`` call,
+    the pass that produced ``grads`` is the descent pass and was recorded when
+    this object was made.
 
     Attributes:
       value: the descent pass's ``loss_fn`` output, ``loss`` or ``(loss, aux)``
@@ -220,19 +197,21 @@ class DescentGradFn:
         state as a pure ``nnx.State``, or linen's ``batch_stats``).
       method: the method found in the optimizer state: ``"sam"``,
         ``"async_sam"``, ``"sampa"`` or ``"plain"``.
+      plan: its :class:`samx.EvaluationPlan`.
     """
 
     def __init__(
         self,
         fn: str,
-        method: str,
+        plan: _plan.EvaluationPlan,
         pass_fn: PassFn,
-        batches: tuple[Any, Any],
+        batches: dict[int | None, Any],
         has_aux: bool,
         on_descent: Callable[[Any], None] | None,
     ):
         self._fn = fn
-        self.method = method
+        self.plan = plan
+        self.method = plan.method
         self._pass_fn = pass_fn
         self._batches = batches
         self._has_aux = has_aux
@@ -243,11 +222,14 @@ class DescentGradFn:
         self._model_state: Any = _MISSING
 
     def __call__(self, params: Any, i: int) -> Any:
-        batch = self._batches[0] if i == 0 else self._batches[1]
+        return self.evaluate(self.plan.grad_fn[i], params)
+
+    def evaluate(self, evaluation: _plan.Evaluation, params: Any) -> Any:
+        """The gradient of one evaluation of the plan; records the descent pass."""
         (loss, (aux, new_state)), grads = jax.value_and_grad(
             self._pass_fn, has_aux=True
-        )(params, batch)
-        if i == 0 and self.method != "plain":
+        )(params, self._batches[evaluation.index])
+        if evaluation.keeps_state:
             self.record(loss, aux, new_state)
         return grads
 
@@ -300,7 +282,7 @@ class DescentGradFn:
 
 def step_grads(
     fn: str,
-    method: str,
+    plan: _plan.EvaluationPlan,
     pass_fn: PassFn,
     params: Any,
     batch: Any,
@@ -314,33 +296,31 @@ def step_grads(
     """Runs the passes before ``tx.update``; returns ``(updates, grad_fn)``.
 
     ``updates`` is what the method takes as its first argument: the gradient at
-    ``params`` (on the ascent batch for AsyncSAM), or zeros for SAMPa.
+    ``params`` on the batch the plan gives it (AsyncSAM's ascent batch), or
+    zeros where the method does not use it (SAMPa).
     """
-    check_method_args(
+    check_plan_args(
         fn,
-        method,
+        plan,
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
         prev_batch=prev_batch,
     )
     size = check_batch(fn, "batch", batch)
-    if method == "sampa":
-        descent_batch = batch
-        if prev_batch is not None:
-            check_batch(fn, "prev_batch", prev_batch)
-            descent_batch = prev_batch
-        grad_fn = DescentGradFn(
-            fn, method, pass_fn, (descent_batch, batch), has_aux, on_descent
-        )
-        return jax.tree.map(jnp.zeros_like, params), grad_fn
-
-    grad_fn = DescentGradFn(fn, method, pass_fn, (batch, batch), has_aux, on_descent)
-    first_batch = batch
-    if method == "async_sam":
-        first_batch = ascent_batch_of(fn, batch, size, ascent_batch, ascent_batch_size)
-    (loss, (aux, new_state)), grads = jax.value_and_grad(pass_fn, has_aux=True)(
-        params, first_batch
+    if prev_batch is not None:
+        check_batch(fn, "prev_batch", prev_batch)
+    if ascent_batch is not None:
+        check_batch(fn, "ascent_batch", ascent_batch)
+    check_ascent_subset(fn, size, ascent_batch_size)
+    require_prev_batch(fn, plan, prev_batch)
+    batches = _plan.select_batches(
+        plan,
+        batch,
+        prev_batch,
+        ascent_batch_size=ascent_batch_size,
+        ascent_batch=ascent_batch,
     )
-    if method == "plain":  # the pass at params is the descent pass
-        grad_fn.record(loss, aux, new_state)
-    return grads, grad_fn
+    grad_fn = DescentGradFn(fn, plan, pass_fn, batches, has_aux, on_descent)
+    if plan.updates is None:
+        return jax.tree.map(jnp.zeros_like, params), grad_fn
+    return grad_fn.evaluate(plan.updates, params), grad_fn

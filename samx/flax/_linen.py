@@ -10,9 +10,8 @@ from flax import struct
 from flax.core import unfreeze
 from flax.training import train_state
 
-from samx import _checks
+from samx import _checks, _plan
 from samx.flax import _common
-from samx.runtime import method_of
 
 
 class TrainState(train_state.TrainState):
@@ -135,6 +134,7 @@ def linen_grads(
     prev_batch: Any = None,
     ascent_batch: Any = None,
     ascent_batch_size: int | None = None,
+    pairing: str = "paired",
 ) -> tuple[Any, _common.DescentGradFn]:
     r"""The gradients and ``grad_fn`` that :func:`apply_gradients` needs (linen).
 
@@ -147,7 +147,8 @@ def linen_grads(
     ``batch_stats`` and ``grad_fn.loss`` the loss, both from the descent pass
     only. Which pass is which follows the method found in ``state.opt_state``
     as in :func:`samx.flax.nnx_grads`: the pass at ``grad_fn(_, 0)`` for SAM,
-    AsyncSAM and SAMPa (on ``prev_batch`` for SAMPa), the pass that produced
+    AsyncSAM and SAMPa (on ``prev_batch`` for AsyncSAM and SAMPa, paired), the
+    pass that produced
     ``grads`` for a plain optax transform. Every pass starts from
     ``state.batch_stats``; the other passes' statistics are dropped.
 
@@ -164,10 +165,13 @@ def linen_grads(
         ``batch_stats`` field).
       batch: a pytree of arrays with a leading batch axis.
       has_aux: whether ``loss_fn`` also returns ``aux``.
-      prev_batch: SAMPa only: the previous step's batch, for ``grad_fn(_, 0)``
-        (``batch`` when None).
+      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch, for
+        ``grad_fn(_, 0)``; ``batch`` itself at the first step.
       ascent_batch: AsyncSAM only: a separate ascent batch.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of ``batch``.
+      pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
+        and SAMPa's perturbed gradient sees the examples its perturbation came
+        from, the previous batch (see :func:`samx.evaluation_plan`).
 
     Returns:
       ``(grads, grad_fn)``: ``grads`` like ``state.params`` (zeros for SAMPa)
@@ -208,6 +212,7 @@ def linen_grads(
         prev_batch=prev_batch,
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
+        pairing=pairing,
     )
 
 
@@ -221,10 +226,12 @@ def _grads(
     prev_batch: Any,
     ascent_batch: Any,
     ascent_batch_size: int | None,
+    pairing: str,
 ) -> tuple[Any, _common.DescentGradFn]:
     """:func:`linen_grads`, its errors named after ``fn``, the function called."""
     _common.check_loss_fn(fn, loss_fn)
     _common.check_flag(fn, "has_aux", has_aux)
+    _plan.check_pairing(fn, pairing)
     _check_state(fn, state)
     if not hasattr(state, "batch_stats"):
         raise TypeError(
@@ -232,7 +239,7 @@ def _grads(
             " `samx.flax.TrainState` (with `batch_stats={}` for a model without"
             " BatchNorm)."
         )
-    method = method_of(state.opt_state)
+    plan = _plan.evaluation_plan(state.opt_state, pairing=pairing)
     start_stats = state.batch_stats
 
     def pass_fn(params: Any, batch: Any) -> Any:
@@ -260,7 +267,7 @@ def _grads(
 
     return _common.step_grads(
         fn,
-        method,
+        plan,
         pass_fn,
         state.params,
         batch,
@@ -303,6 +310,7 @@ def linen_train_step(
     prev_batch: Any = None,
     ascent_batch: Any = None,
     ascent_batch_size: int | None = None,
+    pairing: str = "paired",
 ) -> tuple[Any, dict[str, Any]]:
     r"""One training step of a linen model with any samx or optax transform.
 
@@ -317,10 +325,13 @@ def linen_train_step(
       loss_fn: ``loss_fn(params, batch_stats, batch) -> (loss,
         new_batch_stats)``; see :func:`linen_grads`.
       has_aux: whether ``loss_fn`` returns ``(loss, (new_batch_stats, aux))``.
-      prev_batch: SAMPa only: the previous step's batch. Pass ``batch`` itself
-        at the first step rather than None to keep one compiled step.
+      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch (see
+        :func:`linen_grads`); ``batch`` itself at the first step.
       ascent_batch: AsyncSAM only: a separate ascent batch.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of ``batch``.
+      pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
+        and SAMPa's perturbed gradient sees the examples its perturbation came
+        from, the previous batch (see :func:`samx.evaluation_plan`).
 
     Returns:
       ``(state, metrics)``: the new state and ``{"loss": ...}`` with the descent
@@ -357,11 +368,12 @@ def linen_train_step(
         prev_batch=prev_batch,
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
+        pairing=pairing,
     )
-    if grad_fn.method == "plain":
-        state = apply_gradients(state, grads)
-    else:
+    if grad_fn.plan.grad_fn:
         state = apply_gradients(state, grads, grad_fn=grad_fn)
+    else:  # a plain optax transform, which may not take extra arguments
+        state = apply_gradients(state, grads)
     state = state.replace(batch_stats=grad_fn.model_state)
     metrics = {"loss": grad_fn.loss}
     if has_aux:
@@ -374,6 +386,7 @@ def make_linen_train_step(
     *,
     has_aux: bool = False,
     ascent_batch_size: int | None = None,
+    pairing: str = "paired",
 ) -> Callable[..., tuple[Any, dict[str, Any]]]:
     r"""A ``jax.jit``-compiled :func:`linen_train_step` for ``loss_fn``.
 
@@ -383,12 +396,15 @@ def make_linen_train_step(
       has_aux: whether ``loss_fn`` returns ``(loss, (new_batch_stats, aux))``.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of each batch
         are the ascent batch.
+      pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
+        and SAMPa's perturbed gradient sees the examples its perturbation came
+        from, the previous batch (see :func:`samx.evaluation_plan`).
 
     Returns:
       ``step(state, batch, prev_batch=None, ascent_batch=None) -> (state,
       metrics)``, compiled once per batch shape (and per whether
-      ``prev_batch`` / ``ascent_batch`` are given: for SAMPa, pass
-      ``prev_batch=batch`` at the first step).
+      ``prev_batch`` / ``ascent_batch`` are given: for AsyncSAM and SAMPa,
+      pass ``prev_batch=batch`` at the first step).
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, samx, samx.flax
@@ -416,11 +432,13 @@ def make_linen_train_step(
     _common.check_loss_fn(fn, loss_fn)
     _common.check_flag(fn, "has_aux", has_aux)
     _common.check_ascent_batch_size(fn, ascent_batch_size)
+    _plan.check_pairing(fn, pairing)
     step = functools.partial(
         linen_train_step,
         loss_fn=loss_fn,
         has_aux=has_aux,
         ascent_batch_size=ascent_batch_size,
+        pairing=pairing,
     )
 
     @jax.jit

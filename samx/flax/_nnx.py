@@ -7,8 +7,8 @@ import jax
 import optax
 from flax import nnx
 
+from samx import _plan
 from samx.flax import _common
-from samx.runtime import method_of
 
 
 def _is_variable(x: Any) -> bool:
@@ -44,6 +44,7 @@ def nnx_grads(
     prev_batch: Any = None,
     ascent_batch: Any = None,
     ascent_batch_size: int | None = None,
+    pairing: str = "paired",
 ) -> tuple[nnx.State, _common.DescentGradFn]:
     r"""The gradients and ``grad_fn`` that ``optimizer.update`` needs, for NNX.
 
@@ -56,11 +57,17 @@ def nnx_grads(
       ``grad_fn(_, 0)`` on ``batch`` is the descent pass.
     - ``samx.async_sam``: ``grads`` on the ascent batch (``ascent_batch``, or
       the first ``ascent_batch_size`` examples of ``batch``, or ``batch``);
-      ``grad_fn(_, 0)`` on ``batch`` is the descent pass.
+      ``grad_fn(_, 0)``, the descent pass, on ``prev_batch``: the previous
+      step's batch, whose first examples gave the ascent gradient that
+      perturbs it (paired).
     - ``samx.sampa``: ``grads`` is zeros (SAMPa does not use it);
       ``grad_fn(_, 0)``, the descent pass, runs on ``prev_batch`` (the
-      previous step's batch, as in the official code; ``batch`` when None, the
-      simpler variant) and ``grad_fn(_, 1)`` on ``batch``.
+      previous step's batch, which gave the stored gradient, as in the
+      official code) and ``grad_fn(_, 1)`` on ``batch``.
+
+    For both, ``prev_batch`` is required (``batch`` itself at the first step);
+    with ``pairing="unpaired"`` the descent pass runs on ``batch`` instead and
+    ``prev_batch`` is not taken (:func:`samx.evaluation_plan`).
     - any other optax transform (``"plain"``): ``grads`` at the current
       parameters on ``batch``, which is the descent pass; ``grad_fn`` is not
       needed (pass it only to transforms that accept extra arguments).
@@ -90,10 +97,14 @@ def nnx_grads(
         ``nnx.Param`` variables).
       batch: a pytree of arrays with a leading batch axis.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      prev_batch: SAMPa only: the previous step's batch, for ``grad_fn(_, 0)``.
+      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch, for
+        ``grad_fn(_, 0)``.
       ascent_batch: AsyncSAM only: a separate ascent batch.
       ascent_batch_size: AsyncSAM only: take the first ``b'`` examples of
         ``batch`` as the ascent batch. Not with ``ascent_batch``.
+      pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
+        and SAMPa's perturbed gradient sees the examples its perturbation came
+        from, the previous batch (see :func:`samx.evaluation_plan`).
 
     Returns:
       ``(grads, grad_fn)``: ``grads``, an ``nnx.State`` of the parameters like
@@ -136,6 +147,7 @@ def nnx_grads(
         prev_batch=prev_batch,
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
+        pairing=pairing,
     )
 
 
@@ -150,16 +162,18 @@ def _grads(
     prev_batch: Any,
     ascent_batch: Any,
     ascent_batch_size: int | None,
+    pairing: str,
 ) -> tuple[nnx.State, _common.DescentGradFn]:
     """:func:`nnx_grads`, its errors named after ``fn``, the function called."""
     _common.check_loss_fn(fn, loss_fn)
     _common.check_flag(fn, "has_aux", has_aux)
+    _plan.check_pairing(fn, pairing)
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"`{fn}(model=...)` must be an `nnx.Module`, got {type(model).__name__}."
         )
     opt_state, wrt = _opt_state_and_wrt(fn, optimizer)
-    method = method_of(opt_state)
+    plan = _plan.evaluation_plan(opt_state, pairing=pairing)
     graphdef, wrt_state, rest = nnx.split(model, wrt, ...)
     start_rest = nnx.as_pure(rest)
 
@@ -174,7 +188,7 @@ def _grads(
 
     pure_grads, grad_fn = _common.step_grads(
         fn,
-        method,
+        plan,
         pass_fn,
         nnx.as_pure(wrt_state),
         batch,
@@ -200,6 +214,7 @@ def nnx_train_step(
     prev_batch: Any = None,
     ascent_batch: Any = None,
     ascent_batch_size: int | None = None,
+    pairing: str = "paired",
 ) -> dict[str, Any]:
     r"""One training step of an NNX model with any samx or optax transform.
 
@@ -215,11 +230,13 @@ def nnx_train_step(
       batch: a pytree of arrays with a leading batch axis.
       loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux)``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      prev_batch: SAMPa only: the previous step's batch (see
-        :func:`nnx_grads`). Pass ``batch`` itself at the first step rather
-        than None to keep one compiled step.
+      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch (see
+        :func:`nnx_grads`); ``batch`` itself at the first step.
       ascent_batch: AsyncSAM only: a separate ascent batch.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of ``batch``.
+      pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
+        and SAMPa's perturbed gradient sees the examples its perturbation came
+        from, the previous batch (see :func:`samx.evaluation_plan`).
 
     Returns:
       A dict ``{"loss": ...}`` with the descent pass's loss (and ``"aux"`` with
@@ -236,8 +253,9 @@ def nnx_train_step(
       >>> batch = {"x": jnp.eye(4, 3), "y": jnp.ones((4, 1))}
       >>> step = nnx.jit(samx.flax.nnx_train_step, static_argnames=(
       ...     "loss_fn", "ascent_batch_size"))
-      >>> for _ in range(3):
-      ...     metrics = step(model, optimizer, batch, loss_fn, ascent_batch_size=2)
+      >>> for _ in range(3):  # the same batch each step, so it is the previous too
+      ...     metrics = step(model, optimizer, batch, loss_fn, prev_batch=batch,
+      ...                    ascent_batch_size=2)
       >>> print(f"{float(metrics['loss']):.4f}")
       0.6335
 
@@ -264,8 +282,9 @@ def nnx_train_step(
         prev_batch=prev_batch,
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
+        pairing=pairing,
     )
-    extra = {} if grad_fn.method == "plain" else {"grad_fn": grad_fn}
+    extra = {"grad_fn": grad_fn} if grad_fn.plan.grad_fn else {}
     if isinstance(optimizer, nnx.ModelAndOptimizer):  # deprecated: holds the model
         optimizer.update(grads, **extra)
     else:
@@ -281,6 +300,7 @@ def make_nnx_train_step(
     *,
     has_aux: bool = False,
     ascent_batch_size: int | None = None,
+    pairing: str = "paired",
 ) -> Callable[..., dict[str, Any]]:
     r"""An ``nnx.jit``-compiled :func:`nnx_train_step` for ``loss_fn``.
 
@@ -289,12 +309,15 @@ def make_nnx_train_step(
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of each batch
         are the ascent batch.
+      pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
+        and SAMPa's perturbed gradient sees the examples its perturbation came
+        from, the previous batch (see :func:`samx.evaluation_plan`).
 
     Returns:
       ``step(model, optimizer, batch, prev_batch=None, ascent_batch=None) ->
       metrics``, compiled once per batch shape (and per whether
-      ``prev_batch`` / ``ascent_batch`` are given: for SAMPa, pass
-      ``prev_batch=batch`` at the first step).
+      ``prev_batch`` / ``ascent_batch`` are given: for AsyncSAM and SAMPa,
+      pass ``prev_batch=batch`` at the first step).
 
     Examples:
       >>> import jax.numpy as jnp, optax, samx, samx.flax
@@ -321,6 +344,7 @@ def make_nnx_train_step(
     _common.check_loss_fn(fn, loss_fn)
     _common.check_flag(fn, "has_aux", has_aux)
     _common.check_ascent_batch_size(fn, ascent_batch_size)
+    _plan.check_pairing(fn, pairing)
 
     @nnx.jit
     def step(
@@ -339,6 +363,7 @@ def make_nnx_train_step(
             prev_batch=prev_batch,
             ascent_batch=ascent_batch,
             ascent_batch_size=ascent_batch_size,
+            pairing=pairing,
         )
 
     return step

@@ -8,8 +8,9 @@ from typing import Any, NamedTuple
 import jax
 
 from samx import _checks
+from samx._plan import check_batch
 from samx.runtime import _devices
-from samx.runtime._trainer import _batch_size, value_and_grad
+from samx.runtime._trainer import value_and_grad
 
 
 class AscentBatchCalibration(NamedTuple):
@@ -111,7 +112,7 @@ def calibrate_ascent_batch(
         if slow_device is None
         else _devices.resolve("slow_device", slow_device)
     )
-    size = _batch_size(batch)
+    size = check_batch("samx.runtime.calibrate_ascent_batch", "batch", batch)
     grad = jax.jit(lambda p, ms, b: value_and_grad(loss_fn, has_state)(p, ms, b)[2])
 
     def seconds_per_example(device):

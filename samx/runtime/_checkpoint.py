@@ -4,12 +4,8 @@ from typing import Any
 
 import jax
 
-from samx.runtime._trainer import (
-    Trainer,
-    TrainerState,
-    _batch_size,
-    check_batch_divides,
-)
+from samx import _plan
+from samx.runtime._trainer import Trainer, TrainerState, check_batch_divides
 
 
 def abstract_state(
@@ -19,11 +15,12 @@ def abstract_state(
 
     A checkpoint library such as orbax restores into a target tree of
     ``jax.ShapeDtypeStruct`` with shardings. ``trainer.init(params)`` gives
-    almost that target, with one difference: SAMPa's state holds the previous
-    batch (``TrainerState.prev_batch``), which is None in a fresh state and a
-    batch in any state saved after a step. This function builds the fresh
-    state, puts ``batch`` where :meth:`Trainer.step` puts a batch (SAMPa only;
-    the other methods keep None), and returns every leaf as a
+    almost that target, with one difference: the state of a method that
+    evaluates a gradient on the previous batch (AsyncSAM and SAMPa, paired)
+    holds that batch (``TrainerState.prev_batch``), which is None in a fresh
+    state and a batch in any state saved after a step. This function builds
+    the fresh state, puts ``batch`` where :meth:`Trainer.step` puts a batch
+    (for those methods; the others keep None), and returns every leaf as a
     ``jax.ShapeDtypeStruct`` with the sharding of the live state: committed to
     the descent device, or on a mesh replicated (the batch split along its
     batch axis). The restored state then continues without a recompilation.
@@ -38,9 +35,9 @@ def abstract_state(
       model_state: the model's state, as for :meth:`Trainer.init`
         (required with ``has_state=True``).
       batch: a batch of the shapes the training loop feeds (any values);
-        required for SAMPa, ignored for the other methods. To restore a SAMPa
-        state saved before its first step, replace ``prev_batch`` of the result
-        with None.
+        required for AsyncSAM and SAMPa (paired), ignored for the other
+        methods. To restore such a state saved before its first step, replace
+        ``prev_batch`` of the result with None.
 
     Returns:
       A :class:`TrainerState` whose leaves are ``jax.ShapeDtypeStruct`` with
@@ -74,19 +71,19 @@ def abstract_state(
             f" {type(trainer).__name__}."
         )
     state = trainer.init(params, model_state)
-    if trainer.method(state.opt_state) == "sampa":
+    if trainer.plan(state.opt_state).uses(_plan.PREVIOUS):
         if batch is None:
             raise ValueError(
-                "`abstract_state(batch=...)` is required for SAMPa, whose state"
-                " holds the previous batch: pass a batch of the shapes the"
-                " training loop feeds."
+                "`abstract_state(batch=...)` is required for"
+                f" {trainer.plan(state.opt_state).method}, whose state holds the"
+                " previous batch: pass a batch of the shapes the training loop"
+                " feeds."
             )
+        fn = "samx.runtime.abstract_state"
         if trainer.mesh is None:
-            _batch_size(batch)
+            _plan.check_batch(fn, "batch", batch)
         else:
-            check_batch_divides(
-                "`abstract_state(batch=...)`", batch, trainer.mesh, trainer.batch_axis
-            )
+            check_batch_divides(fn, batch, trainer.mesh, trainer.batch_axis)
         state = state._replace(prev_batch=trainer._put(batch, trainer._batch_place))
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state

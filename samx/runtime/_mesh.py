@@ -18,12 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from samx import _checks
 from samx._perturb import f32_global_norm
-from samx.runtime._trainer import (
-    check_batch_divides,
-    check_mesh,
-    method_of,
-    value_and_grad,
-)
+from samx._plan import evaluation_plan
+from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -238,16 +234,18 @@ def make_data_parallel_step(
 
     def step(params, opt_state, batch):
         _checks.require_params(fn, params, "step")
-        check_batch_divides(f"`{fn}`'s step", batch, mesh, axis)
+        check_batch_divides("make_data_parallel_step(...)", batch, mesh, axis)
         if not checked:
-            method = method_of(opt_state)
-            if m_sharpness and method != "sam":
+            plan = evaluation_plan(opt_state)
+            method = plan.method
+            # m-sharpness perturbs each shard along its own fresh gradient.
+            if m_sharpness and plan.perturbation != "fresh":
                 raise ValueError(
                     f"`{fn}(m_sharpness=True)` is defined for samx.sam (and ASAM)"
                     f" only, got a {method!r} transform: AsyncSAM and SAMPa store a"
                     " gradient in their state, which would differ per device."
                 )
-            if method in ("async_sam", "sampa"):
+            if plan.parallel:  # a stored gradient: the Trainer places its halves
                 raise ValueError(
                     f"`{fn}` runs samx.sam and plain optax transforms, got"
                     f" {method!r}: on a mesh, use"

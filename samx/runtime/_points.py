@@ -2,11 +2,9 @@
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from samx import _checks
+from samx import _checks, _plan
 
 
 def grad_fn_points(
@@ -54,11 +52,4 @@ def grad_fn_points(
             f"`{fn}` passes its own `grad_fn` (one that records the points);"
             " do not pass `grad_fn=...` among its extra arguments."
         )
-    points: dict[int, Any] = {}
-
-    def grad_fn(p, i):
-        points[i] = p
-        return jax.tree.map(jnp.zeros_like, p)
-
-    tx.update(updates, opt_state, params, grad_fn=grad_fn, **extra_args)
-    return points
+    return _plan.grad_fn_points(tx, updates, opt_state, params, **extra_args)

@@ -20,16 +20,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samx import _async_sam, _checks, _sam, _sampa
+from samx import _checks, _plan
 from samx._perturb import f32_global_norm
+from samx._plan import method_of as method_of
 from samx.runtime import _devices
-from samx.runtime._points import grad_fn_points
-
-_KINDS = {
-    _sam.SAMState: "sam",
-    _async_sam.AsyncSAMState: "async_sam",
-    _sampa.SAMPaState: "sampa",
-}
 
 
 def value_and_grad(loss_fn: Callable[..., Any], has_state: bool) -> Callable:
@@ -80,15 +74,17 @@ def check_mesh(fn: str, arg: str, mesh: Any, axis: str) -> Mesh:
     return mesh
 
 
-def check_batch_divides(where: str, batch: Any, mesh: Mesh, axis: str) -> int:
+def check_batch_divides(
+    fn: str, batch: Any, mesh: Mesh, axis: str, name: str = "batch"
+) -> int:
     """The batch size, if the mesh's ``axis`` divides it; a clear error if not."""
-    size = _batch_size(batch)
+    size = _plan.check_batch(fn, name, batch)
     n = mesh.shape[axis]
     if size % n:
         raise ValueError(
-            f"{where}: the batch size {size} is not divisible by the {n} devices"
-            f" of the mesh axis {axis!r}; use a batch size that is a multiple of"
-            f" {n}."
+            f"`{fn}({name}=...)`: the batch size {size} is not divisible by the"
+            f" {n} devices of the mesh axis {axis!r}; use a batch size that is a"
+            f" multiple of {n}."
         )
     return size
 
@@ -102,9 +98,10 @@ class TrainerState(NamedTuple):
       opt_state: the transform's state, on the descent device (replicated).
       model_state: the model's non-trainable state (e.g. BatchNorm
         statistics), or None for a loss without state (replicated).
-      prev_batch: SAMPa only: the previous step's batch, on the descent device
-        (split along the batch axis on a mesh; None before the first step, and
-        for the other methods).
+      prev_batch: the previous step's batch, for the methods whose evaluation
+        plan uses it (AsyncSAM and SAMPa, paired), on the descent device (split
+        along the batch axis on a mesh); None before the first step, and for
+        the other methods.
     """
 
     step: jax.Array
@@ -112,50 +109,6 @@ class TrainerState(NamedTuple):
     opt_state: Any
     model_state: Any
     prev_batch: Any
-
-
-def method_of(opt_state: Any) -> str:
-    """``"sam"``, ``"async_sam"``, ``"sampa"`` or ``"plain"``, from the state.
-
-    Finds the samx state inside ``optax.chain``, ``inject_hyperparams`` and the
-    like, so the Trainer (and ``samx.flax``) need no tag on the transform.
-
-    Args:
-      opt_state: an optimizer state, ``tx.init(params)``.
-
-    Returns:
-      The method's name; ``"plain"`` for a state without a samx transform.
-
-    Raises:
-      ValueError: if the state nests more than one samx transform.
-
-    Examples:
-      >>> import jax.numpy as jnp, optax, samx
-      >>> from samx.runtime import method_of
-      >>> tx = optax.chain(optax.clip(1.0), samx.sampa(optax.sgd(0.1)))
-      >>> method_of(tx.init(jnp.zeros(3))), method_of(optax.adam(1e-3).init(1.0))
-      ('sampa', 'plain')
-
-    References:
-      Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
-      <https://arxiv.org/abs/2410.10683>`_, NeurIPS 2024
-    """
-    if isinstance(opt_state, optax.GradientTransformation):
-        raise TypeError(
-            "`method_of(opt_state=...)` takes the optimizer state,"
-            " `tx.init(params)`, not the transform itself."
-        )
-    found = {
-        _KINDS[type(x)]
-        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in _KINDS)
-        if type(x) in _KINDS
-    }
-    if len(found) > 1:
-        raise ValueError(
-            "samx.runtime.Trainer drives one sharpness-aware transform per"
-            f" optimizer; this one nests {sorted(found)}."
-        )
-    return found.pop() if found else "plain"
 
 
 class Trainer:
@@ -166,19 +119,26 @@ class Trainer:
     dispatches jitted computations and explicit ``device_put`` transfers
     between the two devices; metrics stay on device (read them every N steps).
 
-    What runs where, per transform (found in ``tx``'s state):
+    Which batch each gradient sees and where it runs is the transform's
+    evaluation plan (:func:`samx.evaluation_plan`, found from ``tx``'s state):
 
     - ``samx.async_sam``: the ascent gradient of step t, on the first
       ``ascent_batch_size`` examples of the batch, on ``ascent_device``; at the
-      same time the descent gradient at the perturbed point on
-      ``descent_device``; the ascent gradient then moves to the descent device,
-      where the update is applied.
+      same time, on ``descent_device``, the descent gradient at the point
+      perturbed by the previous step's ascent gradient, on the previous step's
+      batch (paired: the examples that ascent gradient came from; the current
+      batch at the first step); the ascent gradient then moves to the descent
+      device, where the update is applied.
     - ``samx.sampa``: ``grad_fn(., 0)`` (on the previous step's batch, the
       current one at the first step) on ``descent_device`` and
       ``grad_fn(., 1)`` (on the current batch) on ``ascent_device``; with a
       single device, both in one jit (see ``sampa_vmap``).
     - ``samx.sam``, whose descent point needs the fresh ascent gradient, and any
       other optax transform: everything on ``descent_device``.
+
+    The Trainer keeps the previous batch (``TrainerState.prev_batch``) where
+    the plan needs it, so the loop passes the current batch only, of the same
+    size at every step.
 
     **Data parallel.** ``descent_device`` may be a ``jax.sharding.Mesh``: each
     batch is then split along ``batch_axis`` (``NamedSharding(mesh,
@@ -217,6 +177,9 @@ class Trainer:
         ``benchmarks/runtime_overhead.py``).
       batch_axis: with a mesh, the mesh axis the batch is split along; default
         the mesh's first axis.
+      pairing: ``"paired"`` (default): AsyncSAM's and SAMPa's perturbed
+        gradient sees the examples its perturbation came from; ``"unpaired"``:
+        it sees the current batch (see :func:`samx.evaluation_plan`).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, samx
@@ -251,6 +214,7 @@ class Trainer:
         has_state: bool = False,
         sampa_vmap: bool | None = None,
         batch_axis: str | None = None,
+        pairing: str = "paired",
     ):
         if not (
             callable(getattr(tx, "init", None))
@@ -274,6 +238,7 @@ class Trainer:
                 f" got {ascent_batch_size!r}."
             )
         _checks.check_flag("Trainer", "has_state", has_state)
+        _plan.check_pairing("Trainer", pairing)
         if sampa_vmap is not None and not isinstance(sampa_vmap, (bool, np.bool_)):
             raise TypeError(
                 "`Trainer(sampa_vmap=...)` must be True, False or None, got"
@@ -318,24 +283,29 @@ class Trainer:
             else _devices.resolve("ascent_device", ascent_device)
         )
         self._compiled: dict[str, Callable] = {}
-        self._method: str | None = None
+        self.pairing = pairing
+        self._plan: _plan.EvaluationPlan | None = None
         self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
 
     # -- placement ---------------------------------------------------------------
 
+    def plan(self, opt_state: Any) -> _plan.EvaluationPlan:
+        """The transform's evaluation plan (see :func:`samx.evaluation_plan`)."""
+        if self._plan is None:
+            self._plan = _plan.evaluation_plan(opt_state, pairing=self.pairing)
+        return self._plan
+
     def method(self, opt_state: Any) -> str:
         """The transform's method (see :func:`method_of`), found once."""
-        if self._method is None:
-            self._method = method_of(opt_state)
-        return self._method
+        return self.plan(opt_state).method
 
-    def ascent_device_for(self, method: str) -> jax.Device | Mesh:
-        """Where the second gradient of ``method`` runs (see the class doc)."""
+    def ascent_device_for(self, plan: _plan.EvaluationPlan) -> jax.Device | Mesh:
+        """Where the evaluations of ``plan``'s ascent role run."""
         if self._ascent_arg is not None:
             return self._ascent_arg
-        if method == "async_sam":
+        if plan.ascent_placement == "host":
             return jax.devices("cpu")[0]
-        if method == "sampa" and self.mesh is None:
+        if plan.ascent_placement == "peer" and self.mesh is None:
             return _devices.second_accelerator() or self.descent_device
         return self.descent_device
 
@@ -354,11 +324,11 @@ class Trainer:
             _checks.require_params("samx.runtime.Trainer", params, "init")
         params = self._put(params, self._state_place)
         opt_state = jax.jit(self.tx.init)(params)
-        method = self.method(opt_state)
-        if self.ascent_batch_size is not None and method != "async_sam":
+        plan = self.plan(opt_state)
+        if self.ascent_batch_size is not None and not plan.uses(_plan.ASCENT):
             raise ValueError(
                 "`Trainer(ascent_batch_size=...)` is AsyncSAM's ascent batch;"
-                f" this transform is {method!r}."
+                f" this transform is {plan.method!r}."
             )
         state = TrainerState(
             step=jnp.zeros((), jnp.int32),
@@ -377,36 +347,50 @@ class Trainer:
         Args:
           state: from :meth:`init` or the previous step.
           batch: a pytree of arrays (NumPy or JAX) with a common leading size
-            (on a mesh, a multiple of the size of its batch axis).
+            (on a mesh, a multiple of the size of its batch axis); the same size
+            at every step.
 
         Returns:
           ``(state, metrics)``: ``metrics["loss"]`` and ``metrics["grad_norm"]``
           of the descent pass, on the descent device; AsyncSAM and SAMPa add
           ``metrics["ascent_grad_norm"]``, on the ascent device.
         """
+        fn = "samx.runtime.Trainer.step"
         if not isinstance(state, TrainerState):
             raise TypeError(
-                "`Trainer.step(state=...)` must be the TrainerState from `init` or"
+                f"`{fn}(state=...)` must be the TrainerState from `init` or"
                 f" the previous step, got {type(state).__name__}."
             )
         if self.mesh is None:
-            size = _batch_size(batch)
+            size = _plan.check_batch(fn, "batch", batch)
         else:
-            size = check_batch_divides(
-                "`Trainer.step(batch=...)`", batch, self.mesh, self.batch_axis
+            size = check_batch_divides(fn, batch, self.mesh, self.batch_axis)
+        plan = self.plan(state.opt_state)
+        if plan.uses(_plan.ASCENT) and (self.ascent_batch_size or 0) > size:
+            raise ValueError(
+                f"`Trainer(ascent_batch_size={self.ascent_batch_size})` is larger"
+                f" than the batch ({size})."
             )
-        method = self.method(state.opt_state)
         batch_d = self._put(batch, self._batch_place)
-        if method == "sampa":
-            prev = batch_d if state.prev_batch is None else state.prev_batch
-            # prev_batch travels separately: None at step 0 must not retrace.
-            state, metrics = self._step_sampa(
-                state._replace(prev_batch=None), prev, batch_d
+        prev = state.prev_batch
+        if prev is not None:
+            _check_same_shapes(fn, plan, prev, batch_d, size)
+        # The previous batch travels apart from the state: None at the first
+        # step (B_{-1} := B_0) must not retrace.
+        prev = batch_d if prev is None else prev
+        state = state._replace(prev_batch=None)
+        ascent_device = self.ascent_device_for(plan)
+        if plan.parallel and ascent_device != self.descent_device:
+            state, metrics = self._step_two_devices(
+                plan, state, prev, batch, batch_d, ascent_device
             )
-            return state._replace(prev_batch=batch_d), metrics
-        if method == "async_sam":
-            return self._step_async(state, batch, batch_d, size)
-        return self._one_jit("single", self._single_step)(state, batch_d)
+        elif plan.parallel and plan.updates is None and self.sampa_vmap:
+            state, metrics = self._one_jit("vmap", self._vmapped)(state, prev, batch_d)
+        else:
+            state, metrics = self._one_jit("fused", self._fused)(state, prev, batch_d)
+        if plan.uses(_plan.PREVIOUS):
+            state = state._replace(prev_batch=batch_d)
+        return state, metrics
 
     # -- jitted pieces -----------------------------------------------------------
 
@@ -419,195 +403,147 @@ class Trainer:
                 self._compiled[name] = jax.jit(fn)
         return self._compiled[name]
 
-    def _recorder(self, model_state, batches, captured):
-        """A ``grad_fn`` that records each call's (loss, model state, grads)."""
-
-        def grad_fn(p, i):
-            captured[i] = self._value_and_grad(p, model_state, batches[i])
-            return captured[i][2]
-
-        return grad_fn
-
-    def _single_step(self, state, batch):
-        """SAM and plain transforms: the whole step on the descent device."""
-        captured = {}
-        grad_fn = self._recorder(state.model_state, (batch,), captured)
-        loss, ms, grads = self._value_and_grad(state.params, state.model_state, batch)
-        updates, opt_state = self.tx.update(
-            grads, state.opt_state, state.params, grad_fn=grad_fn
+    def _batches(self, prev, batch):
+        return _plan.select_batches(
+            self._plan, batch, prev, ascent_batch_size=self.ascent_batch_size
         )
-        if captured:  # SAM: the descent pass is the one at the perturbed point
-            loss, ms, grads = captured[0]
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": f32_global_norm(grads)}
-        return state._replace(
-            step=state.step + 1, params=params, opt_state=opt_state, model_state=ms
-        ), metrics
 
-    def _step_async(self, state, batch, batch_d, size):
-        ascent_device = self.ascent_device_for("async_sam")
-        b = size if self.ascent_batch_size is None else self.ascent_batch_size
-        if b > size:
-            raise ValueError(
-                f"`Trainer(ascent_batch_size={b})` is larger than the batch ({size})."
-            )
-        if ascent_device == self.descent_device:
-            return self._one_jit("async_fused", self._async_fused)(state, batch_d)
-        small = self._put(jax.tree.map(lambda x: x[:b], batch), ascent_device)
-        params_a = self._put(state.params, ascent_device)
-        ms_a = self._put(state.model_state, ascent_device)
-        ascent, ascent_norm = self._one_jit(
-            "ascent", self._ascent_grad, on_descent=False
-        )(params_a, ms_a, small)
-        descent, loss, ms = self._one_jit("async_descent", self._async_descent)(
-            state, batch_d
-        )
-        ascent_d = self._put(ascent, self._state_place)
-        state, grad_norm = self._one_jit("apply", self._apply)(
-            state, ascent_d, (descent,), ms
-        )
-        return state, {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "ascent_grad_norm": ascent_norm,
-        }
-
-    def _ascent_grad(self, params, model_state, batch):
-        _, _, grads = self._value_and_grad(params, model_state, batch)
-        return grads, f32_global_norm(grads)
-
-    def _async_descent(self, state, batch):
-        """AsyncSAM's descent gradient; the point depends on the state only."""
-        captured = {}
-        grad_fn = self._recorder(state.model_state, (batch,), captured)
-        zeros = jax.tree.map(jnp.zeros_like, state.params)  # a_t is not needed here
-        self.tx.update(zeros, state.opt_state, state.params, grad_fn=grad_fn)
-        loss, ms, grads = captured[0]
-        return grads, loss, ms
-
-    def _async_fused(self, state, batch):
-        """AsyncSAM on one device: the pure step in one jit."""
-        b = self.ascent_batch_size
-        small = batch if b is None else jax.tree.map(lambda x: x[:b], batch)
-        ascent, ascent_norm = self._ascent_grad(state.params, state.model_state, small)
-        descent, loss, ms = self._async_descent(state, batch)
-        state, grad_norm = self._apply(state, ascent, (descent,), ms)
-        return state, {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "ascent_grad_norm": ascent_norm,
-        }
-
-    def _apply(self, state, updates, grads, model_state):
-        """``tx.update`` with the gradients already computed, then the step."""
-        new_updates, opt_state = self.tx.update(
-            updates, state.opt_state, state.params, grad_fn=lambda p, i: grads[i]
-        )
-        params = optax.apply_updates(state.params, new_updates)
-        return state._replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            model_state=model_state,
-        ), f32_global_norm(grads[0])
-
-    def _step_sampa(self, state, prev, batch_d):
-        ascent_device = self.ascent_device_for("sampa")
-        if ascent_device == self.descent_device:
-            if self.sampa_vmap:
-                return self._one_jit("sampa_vmap", self._sampa_vmap)(
-                    state, prev, batch_d
-                )
-            return self._one_jit("sampa_fused", self._sampa_fused)(state, prev, batch_d)
-        perturbed, aux_point = self._one_jit("points", self._sampa_points)(state)
-        batch_a = self._put(batch_d, ascent_device)
-        aux_point = self._put(aux_point, ascent_device)
-        ms_a = self._put(state.model_state, ascent_device)
-        aux_grad, aux_norm = self._one_jit(
-            "ascent", self._ascent_grad, on_descent=False
-        )(aux_point, ms_a, batch_a)
-        loss, ms, grad = self._one_jit("sampa_descent", self._value_and_grad)(
-            perturbed, state.model_state, prev
-        )
-        aux_grad = self._put(aux_grad, self._state_place)
-        state, grad_norm = self._one_jit("apply", self._apply)(
-            state, None, (grad, aux_grad), ms
-        )
-        return state, {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "ascent_grad_norm": aux_norm,
-        }
-
-    def _sampa_points(self, state):
-        """The two points SAMPa evaluates at, as ``tx.update`` asks for them."""
-        points = grad_fn_points(self.tx, None, state.opt_state, state.params)
-        return points[0], points[1]
-
-    def _sampa_fused(self, state, prev, batch):
-        """SAMPa on one device: the pure step, both gradients in one jit."""
-        captured = {}
-        grad_fn = self._recorder(state.model_state, (prev, batch), captured)
-        updates, opt_state = self.tx.update(
-            None, state.opt_state, state.params, grad_fn=grad_fn
-        )
-        (loss, ms, grad), aux_grad = captured[0], captured[1][2]
-        new_state = state._replace(
+    def _finish(self, state, updates, opt_state, outputs, ascent_norms=True):
+        """The new state and the metrics, from each evaluation's outputs."""
+        loss, model_state, grads = outputs[self._plan.descent.index]
+        state = state._replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             opt_state=opt_state,
-            model_state=ms,
+            model_state=model_state,
         )
-        metrics = {
-            "loss": loss,
-            "grad_norm": f32_global_norm(grad),
-            "ascent_grad_norm": f32_global_norm(aux_grad),
-        }
-        return new_state, metrics
-
-    def _sampa_vmap(self, state, prev, batch):
-        """SAMPa on one device: both gradients in one ``vmap``-ed call."""
-        perturbed, aux_point = self._sampa_points(state)
-        stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
-        points = jax.tree.map(stack, perturbed, aux_point)
-        batches = jax.tree.map(stack, prev, batch)
-        loss, ms, grads = jax.vmap(self._value_and_grad, in_axes=(0, None, 0))(
-            points, state.model_state, batches
-        )
-        grad = jax.tree.map(lambda g: g[0], grads)
-        aux_grad = jax.tree.map(lambda g: g[1], grads)
-        ms = jax.tree.map(lambda m: m[0], ms)  # the pass at the perturbed point
-        state, grad_norm = self._apply(state, None, (grad, aux_grad), ms)
-        metrics = {
-            "loss": loss[0],
-            "grad_norm": grad_norm,
-            "ascent_grad_norm": f32_global_norm(aux_grad),
-        }
+        metrics = {"loss": loss, "grad_norm": f32_global_norm(grads)}
+        for e in self._plan.on(_plan.ASCENT_DEVICE) if ascent_norms else ():
+            metrics["ascent_grad_norm"] = f32_global_norm(outputs[e.index][2])
         return state, metrics
 
+    def _fused(self, state, prev, batch):
+        """The pure step in one jit: every evaluation on the descent device."""
+        batches = self._batches(prev, batch)
+        outputs = {}
 
-def _batch_size(batch: Any) -> int:
-    """The common leading size of ``batch``'s leaves; a clear error otherwise."""
-    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-    if not leaves:
-        raise ValueError("`batch` has no arrays.")
-    sizes = {}
-    for path, x in leaves:
-        if not hasattr(x, "shape") and not isinstance(x, (bool, int, float, complex)):
-            raise TypeError(
-                f"`batch` leaf {jax.tree_util.keystr(path)} must be an array, got"
-                f" {type(x).__name__}."
+        def gradient(e, point):
+            outputs[e.index] = self._value_and_grad(
+                point, state.model_state, batches[e.index]
             )
-        shape = jnp.shape(x)
-        if not shape:
-            raise ValueError(
-                f"`batch` leaf {jax.tree_util.keystr(path)} is a scalar; every leaf"
-                " needs a leading batch axis."
-            )
-        sizes.setdefault(shape[0], jax.tree_util.keystr(path))
-    if len(sizes) > 1:
-        described = ", ".join(f"{p or 'the batch'}: {n}" for n, p in sizes.items())
-        raise ValueError(
-            f"`batch` leaves have different leading (batch) sizes: {described}."
+            return outputs[e.index][2]
+
+        updates, opt_state = _plan.plan_update(
+            self._plan, self.tx, state.params, state.opt_state, gradient
         )
-    return next(iter(sizes))
+        return self._finish(state, updates, opt_state, outputs)
+
+    def _vmapped(self, state, prev, batch):
+        """A parallel plan on one device: its gradients in one ``vmap``-ed call."""
+        points = _plan.evaluation_points(
+            self._plan, self.tx, state.params, state.opt_state
+        )
+        outputs = _plan.stacked_call(
+            self._value_and_grad, points, self._batches(prev, batch), state.model_state
+        )
+        updates, opt_state = _plan.plan_update(
+            self._plan,
+            self.tx,
+            state.params,
+            state.opt_state,
+            lambda e, p: outputs[e.index][2],
+        )
+        return self._finish(state, updates, opt_state, outputs)
+
+    def _step_two_devices(self, plan, state, prev, batch, batch_d, ascent_device):
+        """A parallel plan, its ascent role's evaluations on ``ascent_device``.
+
+        Those are dispatched first, then the descent device's; the gradients
+        then meet on the descent device, where ``tx.update`` applies them.
+        """
+        ascent = []
+        for e in plan.on(_plan.ASCENT_DEVICE):
+            if e.index is None:
+                point = state.params
+            else:
+                point = self._one_jit("points", self._points)(state)[e.index]
+            if e.batch == _plan.ASCENT:  # sliced before it moves: b' examples
+                examples = _plan.ascent_subset(batch, self.ascent_batch_size)
+            else:
+                examples = prev if e.batch == _plan.PREVIOUS else batch_d
+            ascent.append(
+                self._one_jit("ascent", self._ascent_eval, on_descent=False)(
+                    self._put(point, ascent_device),
+                    self._put(state.model_state, ascent_device),
+                    self._put(examples, ascent_device),
+                )
+            )
+        descent = self._one_jit("descent", self._descent)(state, prev, batch_d)
+        outputs = self._put(tuple(out for out, _ in ascent), self._state_place)
+        state, metrics = self._one_jit("apply", self._apply)(state, descent, outputs)
+        # The ascent side's norm stays there: reading it waits for that device.
+        for _, norm in ascent:
+            metrics["ascent_grad_norm"] = norm
+        return state, metrics
+
+    def _ascent_eval(self, point, model_state, batch):
+        out = self._value_and_grad(point, model_state, batch)
+        return out, f32_global_norm(out[2])
+
+    def _points(self, state):
+        return _plan.evaluation_points(
+            self._plan, self.tx, state.params, state.opt_state
+        )
+
+    def _descent(self, state, prev, batch):
+        """The descent device's evaluations; their points need the state only."""
+        points = self._points(state)
+        batches = self._batches(prev, batch)
+        return tuple(
+            self._value_and_grad(points[e.index], state.model_state, batches[e.index])
+            for e in self._plan.on(_plan.DESCENT_DEVICE)
+        )
+
+    def _apply(self, state, descent, ascent):
+        """``tx.update`` with the gradients already computed, then the step.
+
+        ``descent`` and ``ascent`` are the outputs of the evaluations of each
+        device role, in the plan's order.
+        """
+        plan = self._plan
+        outputs = {
+            e.index: out
+            for role, outs in (
+                (_plan.DESCENT_DEVICE, descent),
+                (_plan.ASCENT_DEVICE, ascent),
+            )
+            for e, out in zip(plan.on(role), outs, strict=True)
+        }
+        updates, opt_state = _plan.plan_update(
+            self._plan,
+            self.tx,
+            state.params,
+            state.opt_state,
+            lambda e, p: outputs[e.index][2],
+        )
+        return self._finish(state, updates, opt_state, outputs, ascent_norms=False)
+
+
+def _check_same_shapes(fn: str, plan: Any, prev: Any, batch: Any, size: int) -> None:
+    """A clear error when a batch does not have the kept previous batch's shapes."""
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
+    if jax.tree.structure(prev) == jax.tree.structure(batch) and shapes(prev) == shapes(
+        batch
+    ):
+        return
+    before = jax.tree.leaves(prev)[0].shape[0]
+    what = (
+        f"the batch size changed from {before} to {size}"
+        if before != size
+        else "its leaves' shapes or structure differ from the previous batch's"
+    )
+    raise ValueError(
+        f"`{fn}(batch=...)`: {what}. {plan.method} evaluates its descent on the"
+        " previous step's batch, which the Trainer keeps, so every batch must have"
+        " the same shapes (drop the last, smaller batch of an epoch, or pad it)."
+    )
