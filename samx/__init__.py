@@ -13,6 +13,7 @@ from samx._async_sam import AsyncSAMState as AsyncSAMState
 from samx._async_sam import async_sam as async_sam
 from samx._nonfinite import SkipNonfiniteState as SkipNonfiniteState
 from samx._nonfinite import skip_nonfinite as skip_nonfinite
+from samx._perturb import all_but_biases as all_but_biases
 from samx._sam import SAMState as SAMState
 from samx._sam import sam as sam
 from samx._sampa import SAMPaState as SAMPaState
@@ -28,6 +29,7 @@ __all__ = (
     "SAMPaState",
     "SAMState",
     "SkipNonfiniteState",
+    "all_but_biases",
     "async_sam",
     "diagnostics",
     "microbatched",

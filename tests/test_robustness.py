@@ -2305,8 +2305,23 @@ DESCENT_GRAD_FN_CASES = [
 ]
 
 
+_ABB = r"`samx\.all_but_biases\(names=\.\.\.\)` must be a non-empty tuple of strings"
+ALL_BUT_BIASES_CASES = [
+    _case(
+        "names-str", samx.all_but_biases, (PARAMS,), {"names": "bias"}, TypeError, _ABB
+    ),
+    _case(
+        "names-empty", samx.all_but_biases, (PARAMS,), {"names": ()}, TypeError, _ABB
+    ),
+    _case(
+        "names-int", samx.all_but_biases, (PARAMS,), {"names": (0,)}, TypeError, _ABB
+    ),
+]
+
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
+    *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
     *(c for name in FACTORIES for c in _update_cases(name)),
     *DIAGNOSTICS_CASES,
     *_prefixed("Trainer", TRAINER_CASES),
