@@ -78,8 +78,9 @@ def sam(
       base: the optax transform that makes the descent step, e.g.
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
-        optax schedule of the step count. ``rho = 0`` gives exactly the
-        trajectory of ``base``.
+        optax schedule of the step count (checked at steps 0, 1, 10, ...,
+        1e6 when the transform is built; not inside a jitted step).
+        ``rho = 0`` gives exactly the trajectory of ``base``, in float64 too.
       adaptive: use ASAM's scale-invariant perturbation.
       eta: ASAM's offset in ``T = |x| + eta``, ``>= 0``; used only when
         ``adaptive``.

@@ -94,10 +94,12 @@ def sampa(
       base: the optax transform that makes the descent step, e.g.
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
-        optax schedule of the step count.
+        optax schedule of the step count (checked at steps 0, 1, 10, ...,
+        1e6 when the transform is built; not inside a jitted step).
       lam: the weight of the auxiliary gradient in the descent direction, in
         ``[0, 1]``: a float, a scalar array or an optax schedule of the step
-        count. The paper uses 0.2 for vision and 0.1 for BERT.
+        count, checked as ``rho`` is. The paper uses 0.2 for vision and 0.1
+        for BERT.
       eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
         zero perturbation rather than NaN.
 

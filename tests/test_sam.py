@@ -259,6 +259,48 @@ def test_rho_must_be_a_scalar():
         samx.sam(optax.sgd(0.1), rho="0.05")
 
 
+def test_a_rho_schedule_is_checked_when_the_transform_is_built():
+    # Negative from step 10 on: the error names the argument and the step.
+    def bad(count):
+        return 0.05 - 0.01 * count
+
+    with pytest.raises(
+        ValueError, match=r"`samx\.sam\(rho=\.\.\.\)` at step 10 .*-0\.05"
+    ):
+        samx.sam(optax.sgd(0.1), rho=bad)
+    # Infinite at step 0; an array rather than a scalar; a callable that is
+    # not a schedule of the step count.
+    with pytest.raises(ValueError, match=r"at step 0 must be finite"):
+        samx.sam(optax.sgd(0.1), rho=lambda count: jnp.inf * count / count)
+    with pytest.raises(TypeError, match=r"at step 0 must be a scalar.*\(2,\)"):
+        samx.sam(optax.sgd(0.1), rho=lambda count: jnp.ones(2))
+    with pytest.raises(TypeError, match=r"rho=\.\.\.\)` is callable.*step count 0"):
+        samx.sam(optax.sgd(0.1), rho=lambda: 0.05)
+    # Schedules that stay in range are accepted, optax's included ...
+    for rho in (
+        optax.linear_schedule(0.05, 0.0, 1000),
+        optax.cosine_decay_schedule(0.1, 10_000),
+        optax.warmup_cosine_decay_schedule(0.0, 0.1, 100, 10_000),
+        lambda count: 0.05,
+    ):
+        samx.sam(optax.sgd(0.1), rho=rho)
+    # ... and so is one that leaves it between the counts checked (documented:
+    # the values are not checked inside a step).
+    samx.sam(optax.sgd(0.1), rho=lambda count: jnp.where(count == 5, -1.0, 0.05))
+
+
+def test_a_rho_schedule_is_not_evaluated_eagerly_when_traced():
+    # Built inside jit, a schedule that closes over a traced value cannot be
+    # checked: the transform is built without error.
+    @jax.jit
+    def build_and_step(scale, params):
+        tx = samx.sam(optax.sgd(0.1), rho=lambda count: -scale * count)
+        updates, _ = tx.update(params, tx.init(params), params, grad_fn=lambda p, i: p)
+        return updates
+
+    assert np.all(np.isfinite(build_and_step(1.0, jnp.ones(2))))
+
+
 @pytest.mark.parametrize("name", ["eta", "eps"])
 def test_bad_eta_and_eps(name):
     with pytest.raises(ValueError, match=rf"samx.sam\({name}=...\)"):
