@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import plain_trajectory
+from _testing import plain_trajectory, samx_trajectory
 
 import samx
 
@@ -65,27 +65,6 @@ def _problem(seed):
     return params, loss, batches
 
 
-def _run(tx, params, loss, batches, pair=False):
-    """Jitted steps; ``grad_fn(_, i)`` on ``batches[t - 1 + i]`` when ``pair``."""
-    grad = jax.grad(loss)
-
-    @jax.jit
-    def step(params, state, previous, batch):
-        updates, state = tx.update(
-            grad(params, batch),
-            state,
-            params,
-            grad_fn=lambda p, i: grad(p, previous if pair and i == 0 else batch),
-        )
-        return optax.apply_updates(params, updates), state
-
-    state, out = tx.init(params), []
-    for t, batch in enumerate(batches):
-        params, state = step(params, state, batches[max(t - 1, 0)], batch)
-        out.append(params)
-    return out
-
-
 def _np(tree):
     return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
 
@@ -107,7 +86,7 @@ RHO_ZERO = {
 def test_rho_zero_is_exactly_the_base_trajectory_in_float64(method):
     with jax.enable_x64(True):
         params, loss, batches = _problem(0)
-        ours = _run(RHO_ZERO[method](_coupled_sgd()), params, loss, batches)
+        ours = samx_trajectory(RHO_ZERO[method](_coupled_sgd()), params, loss, batches)
         theirs = plain_trajectory(_coupled_sgd(), params, loss, batches)
         assert jax.tree.leaves(ours[-1])[0].dtype == jnp.float64
         for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
@@ -172,7 +151,7 @@ def test_sampa_equals_the_official_code_in_float64():
     with jax.enable_x64(True):
         params, loss, batches = _problem(1)
         tx = samx.sampa(_coupled_sgd(), rho=rho, lam=lam)
-        ours = _run(tx, params, loss, batches, pair=True)
+        ours = samx_trajectory(tx, params, loss, batches, previous_for_0=True)
         theirs = _official_sampa(params, loss, batches, rho, lam)
         for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             _assert_close(_np(a), _np(b), 1e-12, f"step {t}")
@@ -235,7 +214,7 @@ def test_asam_equals_the_official_code_in_float64():
             tx = samx.sam(
                 _coupled_sgd(), rho=rho, adaptive=True, eta=eta, eps=1e-16, **mask
             )
-            return [_named(p) for p in _run(tx, params, loss, batches)]
+            return [_named(p) for p in samx_trajectory(tx, params, loss, batches)]
 
         official = _official_asam(
             params, loss, batches, rho, eta, lambda n, x: "weight" in n

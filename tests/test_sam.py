@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import mlp_problem, plain_trajectory
+from _testing import mlp_problem, plain_trajectory, samx_trajectory
 
 import samx
 
@@ -18,21 +18,7 @@ BASES = {
 
 def _train(tx, params, loss, batches):
     """Runs ``tx`` over ``batches``; ``grad_fn`` uses the step's own batch."""
-    grad = jax.grad(loss)
-
-    @jax.jit
-    def step(params, state, batch):
-        updates, state = tx.update(
-            grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
-        )
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
-    trajectory = []
-    for batch in batches:
-        params, state = step(params, state, batch)
-        trajectory.append(params)
-    return trajectory
+    return samx_trajectory(tx, params, loss, batches)
 
 
 @pytest.mark.parametrize("base", sorted(BASES))

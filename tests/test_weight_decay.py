@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _testing import mlp_problem, plain_trajectory
+from _testing import mlp_problem, plain_trajectory, samx_trajectory
 
 import samx
 from samx import _chain
@@ -39,24 +39,6 @@ def _outside(method, rho):
     return optax.chain(optax.add_decayed_weights(WD), METHODS[method](_sgd(), rho))
 
 
-def _run(tx, params, loss, batches):
-    """One batch for every gradient; the gradient at params as the input."""
-    grad = jax.grad(loss)
-
-    @jax.jit
-    def step(params, state, batch):
-        updates, state = tx.update(
-            grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
-        )
-        return optax.apply_updates(params, updates), state
-
-    state, out = tx.init(params), []
-    for batch in batches:
-        params, state = step(params, state, batch)
-        out.append(params)
-    return out
-
-
 def _problem(steps):
     params, loss, sample = mlp_problem(jax.random.key(0))
     batches = [sample(k) for k in jax.random.split(jax.random.key(1), steps)]
@@ -73,8 +55,10 @@ def test_decay_before_the_transform_never_reaches_the_descent(method):
     # With rho = 0 every transform is its base: the decay chained before it is
     # lost (plain SGD, exactly), the decay inside base is SGD with decay.
     params, loss, batches = _problem(10)
-    outside = _run(_outside(method, 0.0), params, loss, batches)
-    inside = _run(METHODS[method](_decayed_sgd(), 0.0), params, loss, batches)
+    outside = samx_trajectory(_outside(method, 0.0), params, loss, batches)
+    inside = samx_trajectory(
+        METHODS[method](_decayed_sgd(), 0.0), params, loss, batches
+    )
     no_decay = plain_trajectory(_sgd(), params, loss, batches)
     with_decay = plain_trajectory(_decayed_sgd(), params, loss, batches)
     for t in range(len(batches)):
@@ -92,7 +76,7 @@ def test_decay_before_the_transform_leaves_the_weights_as_large(method):
     rho = 0.1 if method == "sampa" else 0.05
 
     def norm(tx):
-        return float(optax.tree.norm(_run(tx, params, loss, batches)[-1]))
+        return float(optax.tree.norm(samx_trajectory(tx, params, loss, batches)[-1]))
 
     outside = norm(_outside(method, rho))
     none = norm(METHODS[method](_sgd(), rho))
