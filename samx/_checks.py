@@ -57,8 +57,8 @@ def check_scalar(
     Schedules (callables of the step count) are accepted when
     ``allow_schedule``, and checked at the counts ``SCHEDULE_CHECK_COUNTS``
     (0, 1, 10, ..., 1e6): evaluated once each, when the transform is built.
-    Inside a jitted step the values are traced and not checked; so are traced
-    values passed in (e.g. by ``optax.inject_hyperparams`` inside ``jit``).
+    Inside a jitted step the values are traced and not checked, and neither
+    are traced values passed in (e.g. by ``optax.inject_hyperparams``).
     """
     if callable(value):
         if not allow_schedule:
