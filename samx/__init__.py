@@ -13,6 +13,7 @@ from samx._async_sam import AsyncSAMState as AsyncSAMState
 from samx._async_sam import async_sam as async_sam
 from samx._nonfinite import SkipNonfiniteState as SkipNonfiniteState
 from samx._nonfinite import skip_nonfinite as skip_nonfinite
+from samx._perturb import all_but_biases as all_but_biases
 from samx._plan import Evaluation as Evaluation
 from samx._plan import EvaluationPlan as EvaluationPlan
 from samx._plan import evaluation_plan as evaluation_plan
@@ -33,6 +34,7 @@ __all__ = (
     "SAMPaState",
     "SAMState",
     "SkipNonfiniteState",
+    "all_but_biases",
     "async_sam",
     "diagnostics",
     "evaluation_plan",

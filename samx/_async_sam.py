@@ -45,7 +45,7 @@ def async_sam(
     independent and can run at the same time, on different devices::
 
       a = updates                                   # ascent gradient at params
-      e = rho * a_prev / (||a_prev|| + eps)         # global norm, in float32
+      e = rho * a_prev / (||a_prev|| + eps)         # global norm, float32 or f64
       d = grad_fn(params + e, 0)                    # does not depend on a
       updates, base_state = base.update(d, base_state, params)
       a_prev = a                                    # stored for the next step
@@ -85,15 +85,18 @@ def async_sam(
       base: the optax transform that makes the descent step, e.g.
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
-        optax schedule of the step count. ``rho = 0`` gives exactly the
-        trajectory of ``base``.
+        optax schedule of the step count (checked at steps 0, 1, 10, ...,
+        1e6 when the transform is built; not inside a jitted step).
+        ``rho = 0`` gives exactly the trajectory of ``base``, in float64 too.
       adaptive: use ASAM's scale-invariant perturbation.
       eta: ASAM's offset in ``T = |x| + eta``, ``>= 0``; used only when
         ``adaptive``.
       mask: which leaves ASAM scales by ``T``: a tree of bools with the
         structure of the parameters, or a function of the parameters that
-        returns one. Only with ``adaptive=True``. With
-        ``optax.inject_hyperparams``, list a callable mask in ``static_args``.
+        returns one. Only with ``adaptive=True``. Default: the leaves with
+        ``ndim >= 2``; :func:`samx.all_but_biases` is the official code's
+        rule. With ``optax.inject_hyperparams``, list a callable mask in
+        ``static_args``.
       eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
         zero perturbation rather than NaN.
 

@@ -39,6 +39,10 @@ def check_base(
     )
 
 
+# The step counts at which a schedule is evaluated when a transform is built.
+SCHEDULE_CHECK_COUNTS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
 def check_scalar(
     fn: str,
     name: str,
@@ -51,15 +55,35 @@ def check_scalar(
     """Checks a scalar hyperparameter: finite and in ``[low, high]``.
 
     Schedules (callables of the step count) are accepted when
-    ``allow_schedule``; their values are traced when evaluated, so they are not
-    checked, and neither are traced values.
+    ``allow_schedule``, and checked at the counts ``SCHEDULE_CHECK_COUNTS``
+    (0, 1, 10, ..., 1e6): evaluated once each, when the transform is built.
+    Inside a jitted step the values are traced and not checked, and neither
+    are traced values passed in (e.g. by ``optax.inject_hyperparams``).
     """
     if callable(value):
-        if allow_schedule:
-            return
-        raise TypeError(f"`{fn}({name}=...)` must be a number, got a callable.")
+        if not allow_schedule:
+            raise TypeError(f"`{fn}({name}=...)` must be a number, got a callable.")
+        _check_schedule(fn, name, value, low=low, high=high)
+        return
+    _check_value(fn, name, value, low=low, high=high, allow_schedule=allow_schedule)
+
+
+def _check_value(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float | None,
+    allow_schedule: bool = True,
+    step: int | None = None,
+) -> None:
+    """``value`` (a schedule's at ``step``, when given) is a finite scalar in range."""
     if isinstance(value, jax.core.Tracer):
         return
+    what = f"`{fn}({name}=...)`"
+    if step is not None:
+        what = f"The schedule `{fn}({name}=...)` at step {step}"
     array = (
         np.asarray(value)
         if isinstance(value, (int, float, np.generic, np.ndarray, jax.Array))
@@ -69,21 +93,45 @@ def check_scalar(
         jnp.issubdtype(array.dtype, jnp.floating)
         or jnp.issubdtype(array.dtype, jnp.integer)
     ):
+        accepted = " or a schedule" if allow_schedule and step is None else ""
         raise TypeError(
-            f"`{fn}({name}=...)` must be a number, a scalar array"
-            f"{' or a schedule' if allow_schedule else ''}, got"
+            f"{what} must be a number, a scalar array{accepted}, got"
             f" {type(value).__name__}."
         )
     if array.ndim != 0:
         raise TypeError(
-            f"`{fn}({name}=...)` must be a scalar, got an array of shape {array.shape}."
+            f"{what} must be a scalar, got an array of shape {array.shape}."
         )
     v = float(array)
     interval = f"[{low}, {'inf' if high is None else high}]"
     if not np.isfinite(v) or v < low or (high is not None and v > high):
-        raise ValueError(
-            f"`{fn}({name}=...)` must be finite and in {interval}, got {v}."
-        )
+        hint = ""
+        if step is not None:
+            hint = (
+                " Schedules are checked when the transform is built, at steps"
+                " 0, 1, 10, ..., 1e6, and not inside a jitted step: keep the"
+                " value in range at every step, e.g. with `optax.linear_schedule`"
+                " (which holds its last value) or `jnp.clip`."
+            )
+        got = f"{v:.6g}" if step is not None else f"{v}"  # a float32 schedule
+        raise ValueError(f"{what} must be finite and in {interval}, got {got}." + hint)
+
+
+def _check_schedule(
+    fn: str, name: str, schedule: Callable, *, low: float, high: float | None
+) -> None:
+    """Evaluates ``schedule`` at ``SCHEDULE_CHECK_COUNTS`` and checks each value."""
+    with jax.ensure_compile_time_eval():
+        for step in SCHEDULE_CHECK_COUNTS:
+            try:
+                value = schedule(jnp.asarray(step, jnp.int32))
+            except Exception as e:
+                raise TypeError(
+                    f"`{fn}({name}=...)` is callable, so it is taken as a schedule"
+                    " of the step count, but calling it with the int32 step count"
+                    f" {step} failed: {type(e).__name__}: {e}"
+                ) from e
+            _check_value(fn, name, value, low=low, high=high, step=step)
 
 
 def is_int(value: Any) -> bool:

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 
 from samx import _checks, _perturb
+from samx._async_sam import AsyncSAMState
+from samx._sampa import SAMPaState
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -21,6 +23,27 @@ def all_finite(tree: Any) -> jax.Array:
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     ]
     return jnp.logical_and.reduce(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def without_stored_gradients(state: Any) -> Any:
+    """``state`` with the stored gradients of AsyncSAM and SAMPa left out.
+
+    Those two transforms neutralise a non-finite stored gradient themselves at
+    the next step (it gives no perturbation), so a step that stores one need
+    not be skipped. Found at any depth (in a chain, under
+    ``optax.inject_hyperparams``, ...).
+    """
+
+    def strip(s):
+        if isinstance(s, AsyncSAMState):
+            return s._replace(ascent_grad=None)
+        if isinstance(s, SAMPaState):
+            return s._replace(aux_grad=None)
+        return s
+
+    return jax.tree.map(
+        strip, state, is_leaf=lambda s: isinstance(s, (AsyncSAMState, SAMPaState))
+    )
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -46,11 +69,12 @@ def skip_nonfinite(
     r"""Skips a step whose *output* updates or new state are not finite.
 
     Runs ``inner.update`` every step, then checks its result: if the updates it
-    returns, or the new inner state, hold a NaN or an infinity, the step returns
-    zero updates and keeps the *old* inner state, and the counters go up::
+    returns, or the new inner state (but the stored gradients, see below), hold
+    a NaN or an infinity, the step returns zero updates and keeps the *old*
+    inner state, and the counters go up::
 
       new_updates, new_inner = inner.update(updates, inner_state, params, ...)
-      ok = all_finite(new_updates) and all_finite(new_inner)
+      ok = all_finite(new_updates) and all_finite(new_inner - stored grads)
       updates = new_updates if ok else zeros
       inner_state = new_inner if ok else inner_state
 
@@ -70,8 +94,18 @@ def skip_nonfinite(
     what the step produces, so it catches both. It has no
     ``max_consecutive_errors``: it never applies a non-finite update; watch
     ``notfinite_count`` to stop a run that keeps failing.
-    ``optax.apply_if_finite(samx.async_sam(...), n)`` still works for a
-    non-finite *input* (the ascent gradient).
+
+    **Stored gradients are not checked.** The gradient that AsyncSAM stores
+    for the next step (``AsyncSAMState.ascent_grad``) and SAMPa's auxiliary
+    gradient (``SAMPaState.aux_grad``), wherever they sit in ``inner``'s state,
+    are left out of the check: a step whose updates are finite is applied, and
+    its new state kept, even when the gradient it stores is not finite. Those
+    transforms neutralise such a gradient themselves: the next step has no
+    perturbation (a plain step of the base optimizer) and stores a fresh one.
+    Skipping instead would throw away a good descent step and perturb the next
+    step along a gradient two steps old. To skip a step whose *input* (AsyncSAM's
+    ascent gradient) is not finite, wrap the transform in
+    ``optax.apply_if_finite(samx.async_sam(...), n)`` instead.
 
     The extra keyword arguments of ``update`` (``grad_fn``, ...) are forwarded
     to ``inner``.
@@ -130,7 +164,9 @@ def skip_nonfinite(
         new_updates, new_inner = inner.update(
             updates, state.inner_state, params, **extra_args
         )
-        ok = jnp.logical_and(all_finite(new_updates), all_finite(new_inner))
+        ok = jnp.logical_and(
+            all_finite(new_updates), all_finite(without_stored_gradients(new_inner))
+        )
         new_updates = jax.tree.map(
             lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates
         )

@@ -1,8 +1,11 @@
 """Pure building blocks shared by the samx transforms.
 
-The global norm is taken over all leaves together and computed in float32
-whatever the parameters' dtype; the perturbation is computed in float32 and
-cast to each parameter's dtype only when it is added to the parameters.
+The global norm is taken over all leaves together. It, the perturbation and
+SAMPa's mix are computed in the *compute dtype*: the widest of float32 and the
+parameters' floating dtypes, so float32 for float32, bfloat16 and float16
+parameters and float64 for float64 ones (under ``jax_enable_x64``). The
+perturbation is cast to each parameter's dtype only when it is added to the
+parameters.
 """
 
 from typing import Any
@@ -14,24 +17,104 @@ import optax
 Mask = Any  # a pytree of bools like params, or a callable params -> such a tree
 
 
+def compute_dtype(params: Any) -> jnp.dtype:
+    """The widest of float32 and the floating dtypes of ``params``' leaves.
+
+    float64 when a leaf is float64 (only under ``jax_enable_x64``), else
+    float32. Chosen by width, not by ``jnp.result_type``, so that it works
+    under ``jax.numpy_dtype_promotion("strict")``.
+    """
+    dtypes = (jnp.result_type(p) for p in jax.tree.leaves(params))
+    wide = any(jnp.issubdtype(d, jnp.floating) and d.itemsize > 4 for d in dtypes)
+    return jnp.dtype(jnp.float64 if wide else jnp.float32)
+
+
+def global_norm(tree: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """The L2 norm over all leaves of ``tree``, accumulated in ``dtype``."""
+    squares = [
+        jnp.sum(jnp.square(jnp.asarray(x, dtype))) for x in jax.tree.leaves(tree)
+    ]
+    return jnp.sqrt(sum(squares, jnp.zeros((), dtype)))
+
+
 def f32_global_norm(tree: Any) -> jax.Array:
     """The L2 norm over all leaves of ``tree``, accumulated in float32."""
-    squares = [
-        jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in jax.tree.leaves(tree)
-    ]
-    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+    return global_norm(tree, jnp.float32)
 
 
-def hparam_value(value: Any, count: jax.Array) -> jax.Array:
-    """A float32 scalar from a number, an array or a schedule of ``count``."""
+def hparam_value(value: Any, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """A ``dtype`` scalar from a number, an array or a schedule of ``count``."""
     if callable(value):
         value = value(count)
-    return jnp.asarray(value, jnp.float32)
+    return jnp.asarray(value, dtype)
 
 
 def weights_mask(params: Any) -> Any:
     """The default ASAM mask: leaves with ``ndim >= 2`` (the weights)."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def _key_name(key: Any) -> Any:
+    """The name in one entry of a tree path: a dict key or an attribute."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return key.key
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    return None
+
+
+def all_but_biases(params: Any, *, names: tuple[str, ...] = ("bias", "b")) -> Any:
+    """ASAM mask of the official code's rule: every leaf except the biases.
+
+    A leaf is a bias when one of the keys on its path (a dict key or an
+    attribute name, compared whole) is in ``names``: ``["dense"]["bias"]``
+    (Flax), ``["linear"]["b"]`` (Haiku, hand-written dicts) or
+    ``["layers"][0]["bias"].value`` (an ``nnx.State``). Every other leaf is
+    selected, normalisation scales included. This is the rule of the official
+    ASAM code, which scales every PyTorch parameter whose name contains
+    "weight": there, every parameter but the biases, the scales of BatchNorm
+    and LayerNorm included (PyTorch names them "weight"). Leaves reached
+    without names (a tuple ``(w, b)``, a bare array) are all selected.
+
+    ``samx.sam(..., adaptive=True)`` and ``samx.async_sam`` select the leaves
+    with ``ndim >= 2`` by default, which is the same on models without
+    normalisation layers and leaves the (1-D) normalisation scales unscaled
+    otherwise; pass ``mask=samx.all_but_biases`` to reproduce the official
+    code.
+
+    Args:
+      params: the parameters, a pytree.
+      names: the path keys that mark a bias, a tuple of strings. Use
+        ``functools.partial(samx.all_but_biases, names=(...))`` for another
+        convention.
+
+    Returns:
+      A tree of Python bools with the structure of ``params``: ``False`` on
+      the biases, ``True`` elsewhere.
+
+    Examples:
+      >>> import jax.numpy as jnp, samx
+      >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+      ...           "norm": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}}
+      >>> samx.all_but_biases(params)
+      {'dense': {'bias': False, 'kernel': True}, 'norm': {'bias': False, 'scale': True}}
+
+    References:
+      Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks
+      <https://arxiv.org/abs/2102.11600>`_, 2021; its official code,
+      `SamsungLabs/ASAM <https://github.com/SamsungLabs/ASAM>`_ (``asam.py``)
+    """
+    if not (
+        isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)
+    ):
+        raise TypeError(
+            "`samx.all_but_biases(names=...)` must be a non-empty tuple of"
+            f" strings, e.g. ('bias', 'b'), got {names!r}."
+        )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    selected = [not any(_key_name(k) in names for k in path) for path, _ in flat]
+    return jax.tree.unflatten(treedef, selected)
 
 
 def resolve_mask(fn: str, mask: Mask | None, params: Any) -> Any:
@@ -58,7 +141,7 @@ def perturbation(
     eta: float | jax.Array = 0.01,
     mask: Any = None,
 ) -> Any:
-    """The ascent step ``e`` in float32, one leaf per parameter.
+    """The ascent step ``e`` in the compute dtype, one leaf per parameter.
 
     SAM: ``e = rho * g / (||g|| + eps)``. ASAM (``adaptive=True``):
     ``T = |x| + eta`` on the leaves where ``mask`` is true and ``T = 1``
@@ -71,41 +154,44 @@ def perturbation(
     Args:
       direction: the gradient that sets the direction, a tree like ``params``.
       params: the parameters (used by ASAM only).
-      rho: the radius, a float32 scalar.
+      rho: the radius, a scalar.
       eps: added to the norm.
       adaptive: ASAM's scale-invariant perturbation.
       eta: ASAM's offset in ``T = |x| + eta``.
       mask: a tree of Python bools like ``params`` (resolved); ASAM only.
 
     Returns:
-      A float32 tree like ``params``.
+      A tree like ``params`` in the compute dtype (see the module docstring).
     """
-    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), direction)
-    eta = jnp.asarray(eta, jnp.float32)
-    eps = jnp.asarray(eps, jnp.float32)
+    dtype = compute_dtype(params)
+    g = jax.tree.map(lambda x: jnp.asarray(x, dtype), direction)
+    rho = jnp.asarray(rho, dtype)
+    eta = jnp.asarray(eta, dtype)
+    eps = jnp.asarray(eps, dtype)
     if adaptive:
-        one = jnp.ones((), jnp.float32)
+        one = jnp.ones((), dtype)
         scale = jax.tree.map(
-            lambda p, m: jnp.abs(jnp.asarray(p, jnp.float32)) + eta if m else one,
+            lambda p, m: jnp.abs(jnp.asarray(p, dtype)) + eta if m else one,
             params,
             mask,
         )
         tg = jax.tree.map(jnp.multiply, scale, g)
-        norm = f32_global_norm(tg)
+        norm = global_norm(tg, dtype)
         ok, inv = jnp.isfinite(norm), rho / (norm + eps)
         return jax.tree.map(lambda t, x: jnp.where(ok, inv * t * x, 0), scale, tg)
-    norm = f32_global_norm(g)
+    norm = global_norm(g, dtype)
     ok, inv = jnp.isfinite(norm), rho / (norm + eps)
     return jax.tree.map(lambda x: jnp.where(ok, inv * x, 0), g)
 
 
 def add_perturbation(params: Any, e: Any) -> Any:
-    """``params + e`` in float32, cast back to each parameter's dtype."""
-    return jax.tree.map(
-        lambda p, x: (jnp.asarray(p, jnp.float32) + x).astype(jnp.result_type(p)),
-        params,
-        e,
-    )
+    """``params + e`` in the compute dtype of each pair, cast to the params'."""
+
+    def add(p, x):
+        wide = compute_dtype((p, x))
+        return (jnp.asarray(p, wide) + jnp.asarray(x, wide)).astype(jnp.result_type(p))
+
+    return jax.tree.map(add, params, e)
 
 
 def perturbed_params(
@@ -124,7 +210,7 @@ def perturbed_params(
     e = perturbation(
         direction,
         params,
-        hparam_value(rho, count),
+        hparam_value(rho, count, compute_dtype(params)),
         eps=eps,
         adaptive=adaptive,
         eta=eta,

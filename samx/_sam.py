@@ -39,7 +39,7 @@ def sam(
     parameters::
 
       g = updates                                   # the gradient at params
-      e = rho * g / (||g|| + eps)                   # global norm, in float32
+      e = rho * g / (||g|| + eps)                   # global norm, float32 or f64
       d = grad_fn(params + e, 0)                    # same batch as g
       updates, base_state = base.update(d, base_state, params)
 
@@ -52,12 +52,19 @@ def sam(
     **ASAM** (``adaptive=True``) is the formula of the official ASAM code:
     ``T = |x| + eta`` elementwise, ``e = rho * T**2 * g / (||T * g|| + eps)``,
     with ``T`` applied to the leaves that ``mask`` selects and ``T = 1``
-    elsewhere. The default mask selects the leaves with ``ndim >= 2``: the
-    weight matrices and kernels, not the biases or normalisation scales, as in
-    the official code (which selects parameters named "weight"). Two other
-    "adaptive" formulas circulate and are *not* this one: ``T = |x|`` on every
-    leaf (``davda54/sam``), and ``e = rho * |x| * g / ||g||`` (big_vision's
-    GSAM). ASAM's ``rho`` is typically about 10x SAM's (0.5 to 2.0).
+    elsewhere. The official code scales every parameter whose PyTorch name
+    contains "weight": all but the biases, the BatchNorm and LayerNorm scales
+    included. ``mask=samx.all_but_biases`` is that rule, by path name; with
+    ``eps=1e-16`` (the official code's) it reproduces that code to float64
+    rounding. The default mask selects the leaves with ``ndim >= 2``, the
+    weight matrices and kernels: the same leaves on models without
+    normalisation layers, but the (1-D) normalisation scales get ``T = 1``. It
+    stays the default because it needs no naming convention (it works on any
+    pytree, e.g. a tuple ``(w, b)``) and keeps existing runs unchanged. Two
+    other "adaptive" formulas circulate and are *not* this one: ``T = |x|`` on
+    every leaf (``davda54/sam``), and ``e = rho * |x| * g / ||g||``
+    (big_vision's GSAM). ASAM's ``rho`` is typically about 10x SAM's (0.5 to
+    2.0).
 
     **Composition.** ``samx.sam(optax.chain(optax.clip_by_global_norm(c),
     base))`` clips the descent gradient ``d``, which is usually what is meant.
@@ -71,15 +78,18 @@ def sam(
       base: the optax transform that makes the descent step, e.g.
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
-        optax schedule of the step count. ``rho = 0`` gives exactly the
-        trajectory of ``base``.
+        optax schedule of the step count (checked at steps 0, 1, 10, ...,
+        1e6 when the transform is built; not inside a jitted step).
+        ``rho = 0`` gives exactly the trajectory of ``base``, in float64 too.
       adaptive: use ASAM's scale-invariant perturbation.
       eta: ASAM's offset in ``T = |x| + eta``, ``>= 0``; used only when
         ``adaptive``.
       mask: which leaves ASAM scales by ``T``: a tree of bools with the
         structure of the parameters, or a function of the parameters that
-        returns one. Only with ``adaptive=True``. With
-        ``optax.inject_hyperparams``, list a callable mask in ``static_args``.
+        returns one. Only with ``adaptive=True``. Default: the leaves with
+        ``ndim >= 2``; :func:`samx.all_but_biases` is the official code's
+        rule. With ``optax.inject_hyperparams``, list a callable mask in
+        ``static_args``.
       eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
         zero perturbation rather than NaN.
 

@@ -40,11 +40,11 @@ def sampa(
     gradients of a step depend only on the parameters and on ``g``, so they
     can be evaluated at the same time::
 
-      x_pert = params + rho * g / (||g|| + eps)     # global norm, in float32
+      x_pert = params + rho * g / (||g|| + eps)     # global norm, float32 or f64
       y = params + base.update(g, base_state, params)[0]  # a dry run
       G = grad_fn(x_pert, 0)
       g = grad_fn(y, 1)                             # stored for the next step
-      d = (1 - lam) * G + lam * g                   # in float32
+      d = (1 - lam) * G + lam * g                   # in float32 or f64
       updates, base_state = base.update(d, base_state, params)
 
     ``y`` is where ``base`` would step if it were fed ``g``: the state that dry
@@ -94,10 +94,12 @@ def sampa(
       base: the optax transform that makes the descent step, e.g.
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
-        optax schedule of the step count.
+        optax schedule of the step count (checked at steps 0, 1, 10, ...,
+        1e6 when the transform is built; not inside a jitted step).
       lam: the weight of the auxiliary gradient in the descent direction, in
         ``[0, 1]``: a float, a scalar array or an optax schedule of the step
-        count. The paper uses 0.2 for vision and 0.1 for BERT.
+        count, checked as ``rho`` is. The paper uses 0.2 for vision and 0.1
+        for BERT.
       eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
         zero perturbation rather than NaN.
 
@@ -166,19 +168,16 @@ def sampa(
         )
         aux_grad = grad_fn(aux_point, 1)
         _checks.check_like_params(fn, "the result of `grad_fn(_, 1)`", aux_grad, params)
-        lam_t = _perturb.hparam_value(lam, state.count)
+        dtype = _perturb.compute_dtype(params)  # float32, or float64 for float64
+        lam_t = _perturb.hparam_value(lam, state.count, dtype)
 
         def mix(a, b):  # non-finite entries of g_{t+1} are left out of d
-            b = jnp.asarray(b, jnp.float32)
+            b = jnp.asarray(b, dtype)
             b = jnp.where(jnp.isfinite(b), b, 0)
-            d = (1 - lam_t) * jnp.asarray(a, jnp.float32) + lam_t * b
+            d = (1 - lam_t) * jnp.asarray(a, dtype) + lam_t * b
             return d.astype(jnp.result_type(a))
 
-        descent = jax.tree.map(
-            mix,
-            perturbed_grad,
-            aux_grad,
-        )
+        descent = jax.tree.map(mix, perturbed_grad, aux_grad)
         updates, base_state = base.update(
             descent, state.base_state, params, **extra_args
         )

@@ -165,3 +165,27 @@ def plain_trajectory(tx, params, loss, batches):
         params, state = step(params, state, batch)
         out.append(params)
     return out
+
+
+def samx_trajectory(tx, params, loss, batches, *, previous_for_0=False):
+    """The parameters after each jitted step of a samx ``tx``.
+
+    The input is the gradient at the parameters on the step's batch;
+    ``grad_fn(_, i)`` evaluates on the step's batch, or, for ``i = 0`` with
+    ``previous_for_0`` (SAMPa's batches), on the previous step's batch.
+    """
+    grad = jax.grad(loss)
+
+    @jax.jit
+    def step(params, state, previous, batch):
+        def grad_fn(p, i):
+            return grad(p, previous if previous_for_0 and i == 0 else batch)
+
+        updates, state = tx.update(grad(params, batch), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    state, out = tx.init(params), []
+    for t, batch in enumerate(batches):
+        params, state = step(params, state, batches[max(t - 1, 0)], batch)
+        out.append(params)
+    return out

@@ -159,11 +159,8 @@ def _sampa_reference(base, params, grad, batches, rho, lam, bad_step):
     return trajectory
 
 
-@pytest.mark.parametrize("lam", [0.2, 0.0])
-def test_sampa_nan_auxiliary_gradient_recovers(lam):
-    start, grad, batches = _problem(2)
-    rho = 0.1
-    tx = samx.sampa(optax.sgd(0.1, momentum=0.9), rho=rho, lam=lam)
+def _sampa_run(tx, start, grad, batches, bad_step):
+    """Jitted SAMPa steps; one entry of ``grad_fn(_, 1)`` is NaN at ``bad_step``."""
 
     @jax.jit
     def step(params, state, previous, batch, bad):
@@ -176,10 +173,22 @@ def test_sampa_nan_auxiliary_gradient_recovers(lam):
         return optax.apply_updates(params, updates), state
 
     params, state = start, tx.init(start)
-    ours = []
+    trajectory, states = [], [state]
     for t, batch in enumerate(batches):
-        params, state = step(params, state, batches[max(t - 1, 0)], batch, t == BAD)
-        ours.append(params)
+        previous = batches[max(t - 1, 0)]
+        params, state = step(params, state, previous, batch, t == bad_step)
+        trajectory.append(params)
+        states.append(state)
+    return trajectory, states
+
+
+@pytest.mark.parametrize("lam", [0.2, 0.0])
+def test_sampa_nan_auxiliary_gradient_recovers(lam):
+    start, grad, batches = _problem(2)
+    rho = 0.1
+    tx = samx.sampa(optax.sgd(0.1, momentum=0.9), rho=rho, lam=lam)
+    ours, states = _sampa_run(tx, start, grad, batches, BAD)
+    state = states[-1]
     assert _all_finite(ours) and _all_finite(state)
     base = optax.sgd(0.1, momentum=0.9)
     theirs = _sampa_reference(base, start, grad, batches, rho, lam, BAD)
@@ -337,6 +346,70 @@ def test_skip_nonfinite_composes(name):
     good = [b for t, b in enumerate(batches) if t != BAD]
     theirs, _, _ = _run(plain(), start, grad, good, bad_step=-1)
     _assert_trees_close(ours[-1], theirs[-1], 1e-6)
+
+
+# A non-finite *stored* gradient alone does not make skip_nonfinite skip: the
+# transforms neutralise it at the next step, which has no perturbation.
+
+
+def test_skip_nonfinite_applies_an_async_sam_step_whose_stored_gradient_is_nan():
+    start, grad, batches = _problem(0)
+    rho = 0.05
+    base = optax.sgd(0.1, momentum=0.9)
+    tx = samx.skip_nonfinite(samx.async_sam(base, rho=rho))
+    ours, states, updates = _run(
+        tx, start, grad, batches, BAD, nan_in="input", ascent=_quarter
+    )
+    # Nothing skipped: the bad step's descent is applied, and the next step is
+    # a plain step (the reference zeroes a_BAD, as the policy says).
+    assert [int(s.total_notfinite) for s in states] == [0] * (STEPS + 1)
+    theirs = _async_reference(base, start, grad, batches, rho, BAD)
+    for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        _assert_trees_close(a, b, 1e-5, f"step {t}")
+    assert not _all_finite(states[BAD + 1].inner_state.ascent_grad)  # stored ...
+    assert _all_finite(states[BAD + 2].inner_state)  # ... and replaced
+    # The comparison can fail: skipping the bad step goes elsewhere.
+    assert not np.allclose(ours[BAD]["layer0"]["w"], ours[BAD - 1]["layer0"]["w"])
+
+
+def test_skip_nonfinite_applies_a_sampa_step_whose_stored_gradient_is_nan():
+    start, grad, batches = _problem(2)
+    rho, lam = 0.1, 0.2
+    base = optax.sgd(0.1, momentum=0.9)
+    tx = samx.skip_nonfinite(samx.sampa(base, rho=rho, lam=lam))
+    ours, states = _sampa_run(tx, start, grad, batches, BAD)
+    assert [int(s.total_notfinite) for s in states] == [0] * (STEPS + 1)
+    theirs = _sampa_reference(base, start, grad, batches, rho, lam, BAD)
+    for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        _assert_trees_close(a, b, 1e-5, f"step {t}")
+    assert not _all_finite(states[BAD + 1].inner_state.aux_grad)
+    assert not np.allclose(ours[BAD]["layer0"]["w"], ours[BAD - 1]["layer0"]["w"])
+
+
+def test_skip_nonfinite_still_skips_when_the_stored_gradient_comes_with_a_bad_step():
+    # A corrupt batch that spoils the descent too: skipped, old state kept.
+    start, grad, batches = _problem(4)
+    tx = samx.skip_nonfinite(samx.async_sam(optax.sgd(0.1), rho=0.05))
+
+    @jax.jit
+    def step(params, state, batch, bad):
+        def nan_if_bad(g):
+            return jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), g)
+
+        updates, new_state = tx.update(
+            nan_if_bad(grad(params, _quarter(batch))),
+            state,
+            params,
+            grad_fn=lambda p, i: nan_if_bad(grad(p, batch)),
+        )
+        return optax.apply_updates(params, updates), new_state
+
+    params, state = start, tx.init(start)
+    for t, batch in enumerate(batches[: BAD + 1]):
+        before = state
+        params, state = step(params, state, batch, t == BAD)
+    assert int(state.total_notfinite) == 1
+    _assert_trees_close(state.inner_state, before.inner_state, 0.0)
 
 
 def test_apply_if_finite_around_async_sam_skips_a_nan_ascent_input():

@@ -146,6 +146,30 @@ def _construction_cases(name):
             TypeError,
             r"\(rho=.*shape \(2,\)",
         ),
+        _case(
+            "rho-schedule-negative",
+            f,
+            (sgd,),
+            {"rho": optax.linear_schedule(0.1, -0.1, 100)},
+            ValueError,
+            r"\(rho=\.\.\.\)` at step 100 must be finite and in \[0\.0, inf\]",
+        ),
+        _case(
+            "rho-schedule-vector",
+            f,
+            (sgd,),
+            {"rho": lambda count: jnp.ones(2)},
+            TypeError,
+            r"\(rho=\.\.\.\)` at step 0 must be a scalar",
+        ),
+        _case(
+            "rho-callable-not-a-schedule",
+            f,
+            (sgd,),
+            {"rho": lambda: 0.1},
+            TypeError,
+            r"\(rho=\.\.\.\)` is callable, so it is taken as a schedule",
+        ),
         _case("eps-negative", f, (sgd,), {"eps": -1.0}, ValueError, r"\(eps=.*-1\.0"),
         _case("eps-schedule", f, (sgd,), {"eps": lambda c: 0.1}, TypeError, r"\(eps="),
     ]
@@ -154,6 +178,14 @@ def _construction_cases(name):
             _case("lam-above-1", f, (sgd,), {"lam": 1.5}, ValueError, r"\(lam=.*1\.5"),
             _case("lam-negative", f, (sgd,), {"lam": -0.5}, ValueError, r"\(lam="),
             _case("lam-str", f, (sgd,), {"lam": "a"}, TypeError, r"\(lam=.*got str"),
+            _case(
+                "lam-schedule-above-1",
+                f,
+                (sgd,),
+                {"lam": optax.linear_schedule(0.0, 2.0, 1000)},
+                ValueError,
+                r"\(lam=\.\.\.\)` at step 1000 must be finite and in \[0\.0, 1\.0\]",
+            ),
         ]
     else:
         cases += [
@@ -2382,8 +2414,23 @@ DESCENT_GRAD_FN_CASES = [
 ]
 
 
+_ABB = r"`samx\.all_but_biases\(names=\.\.\.\)` must be a non-empty tuple of strings"
+ALL_BUT_BIASES_CASES = [
+    _case(
+        "names-str", samx.all_but_biases, (PARAMS,), {"names": "bias"}, TypeError, _ABB
+    ),
+    _case(
+        "names-empty", samx.all_but_biases, (PARAMS,), {"names": ()}, TypeError, _ABB
+    ),
+    _case(
+        "names-int", samx.all_but_biases, (PARAMS,), {"names": (0,)}, TypeError, _ABB
+    ),
+]
+
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
+    *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
     *(c for name in FACTORIES for c in _update_cases(name)),
     *DIAGNOSTICS_CASES,
     *_prefixed("Trainer", TRAINER_CASES),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import mlp_problem, plain_trajectory
+from _testing import mlp_problem, plain_trajectory, samx_trajectory
 
 import samx
 
@@ -18,21 +18,7 @@ BASES = {
 
 def _train(tx, params, loss, batches):
     """Runs ``tx`` over ``batches``; ``grad_fn`` uses the step's own batch."""
-    grad = jax.grad(loss)
-
-    @jax.jit
-    def step(params, state, batch):
-        updates, state = tx.update(
-            grad(params, batch), state, params, grad_fn=lambda p, i: grad(p, batch)
-        )
-        return optax.apply_updates(params, updates), state
-
-    state = tx.init(params)
-    trajectory = []
-    for batch in batches:
-        params, state = step(params, state, batch)
-        trajectory.append(params)
-    return trajectory
+    return samx_trajectory(tx, params, loss, batches)
 
 
 @pytest.mark.parametrize("base", sorted(BASES))
@@ -259,6 +245,48 @@ def test_rho_must_be_a_scalar():
         samx.sam(optax.sgd(0.1), rho="0.05")
 
 
+def test_a_rho_schedule_is_checked_when_the_transform_is_built():
+    # Negative from step 10 on: the error names the argument and the step.
+    def bad(count):
+        return 0.05 - 0.01 * count
+
+    with pytest.raises(
+        ValueError, match=r"`samx\.sam\(rho=\.\.\.\)` at step 10 .*-0\.05"
+    ):
+        samx.sam(optax.sgd(0.1), rho=bad)
+    # Infinite at step 0; an array rather than a scalar; a callable that is
+    # not a schedule of the step count.
+    with pytest.raises(ValueError, match=r"at step 0 must be finite"):
+        samx.sam(optax.sgd(0.1), rho=lambda count: jnp.inf * count / count)
+    with pytest.raises(TypeError, match=r"at step 0 must be a scalar.*\(2,\)"):
+        samx.sam(optax.sgd(0.1), rho=lambda count: jnp.ones(2))
+    with pytest.raises(TypeError, match=r"rho=\.\.\.\)` is callable.*step count 0"):
+        samx.sam(optax.sgd(0.1), rho=lambda: 0.05)
+    # Schedules that stay in range are accepted, optax's included ...
+    for rho in (
+        optax.linear_schedule(0.05, 0.0, 1000),
+        optax.cosine_decay_schedule(0.1, 10_000),
+        optax.warmup_cosine_decay_schedule(0.0, 0.1, 100, 10_000),
+        lambda count: 0.05,
+    ):
+        samx.sam(optax.sgd(0.1), rho=rho)
+    # ... and so is one that leaves it between the counts checked (documented:
+    # the values are not checked inside a step).
+    samx.sam(optax.sgd(0.1), rho=lambda count: jnp.where(count == 5, -1.0, 0.05))
+
+
+def test_a_rho_schedule_is_not_evaluated_eagerly_when_traced():
+    # Built inside jit, a schedule that closes over a traced value cannot be
+    # checked: the transform is built without error.
+    @jax.jit
+    def build_and_step(scale, params):
+        tx = samx.sam(optax.sgd(0.1), rho=lambda count: -scale * count)
+        updates, _ = tx.update(params, tx.init(params), params, grad_fn=lambda p, i: p)
+        return updates
+
+    assert np.all(np.isfinite(build_and_step(1.0, jnp.ones(2))))
+
+
 @pytest.mark.parametrize("name", ["eta", "eps"])
 def test_bad_eta_and_eps(name):
     with pytest.raises(ValueError, match=rf"samx.sam\({name}=...\)"):
@@ -314,3 +342,76 @@ def test_bad_mask_tree():
     tx = samx.sam(optax.sgd(0.1), adaptive=True, mask={"w": True})
     with pytest.raises(ValueError, match="mask"):
         tx.update(params, tx.init(params), params, grad_fn=lambda p, i: p)
+
+
+# --- samx.all_but_biases: the official ASAM code's rule, by path name -----------
+
+
+def test_all_but_biases_selects_every_leaf_but_the_biases():
+    from flax import nnx
+
+    assert samx.all_but_biases(
+        {"fc": {"weight": 1, "bias": 2}, "norm": {"weight": 3, "bias": 4}}
+    ) == {
+        "fc": {"weight": True, "bias": False},
+        "norm": {"weight": True, "bias": False},
+    }
+    # Haiku-style and hand-written dicts ("b"), lists, and no names at all.
+    assert samx.all_but_biases([{"w": 1, "b": 2}, {"scale": 3}]) == [
+        {"w": True, "b": False},
+        {"scale": True},
+    ]
+    assert samx.all_but_biases((1, 2)) == (True, True)
+    assert samx.all_but_biases({"b": 1}, names=("c",)) == {"b": True}
+    # An nnx.State of Params: the path ends in `.value`.
+    model = nnx.Sequential(
+        nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.LayerNorm(3, rngs=nnx.Rngs(0))
+    )
+    state = nnx.state(model, nnx.Param)
+    got = {
+        jax.tree_util.keystr(path): m
+        for path, m in jax.tree_util.tree_flatten_with_path(samx.all_but_biases(state))[
+            0
+        ]
+    }
+    assert got == {
+        "['layers'][0]['bias'].value": False,
+        "['layers'][0]['kernel'].value": True,
+        "['layers'][1]['bias'].value": False,
+        "['layers'][1]['scale'].value": True,
+    }
+
+
+def test_all_but_biases_scales_the_normalisation_scales_the_default_does_not():
+    # A LayerNorm-like scale is 1-D: ASAM's T = |x| + eta applies to it only
+    # with samx.all_but_biases. Hand-derived first step, as in the ASAM test.
+    w, s, b = np.array([[0.5, -1.0], [2.0, 0.25]]), np.array([1.5, 0.5]), np.ones(2)
+    cw, cs, cb = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([2.0, 1.0]), np.ones(2)
+    rho, eta, lr = 0.5, 0.01, 0.1
+
+    def expected(scale_s):
+        t = {"w": np.abs(w) + eta, "s": np.abs(s) + eta if scale_s else 1.0, "b": 1.0}
+        x, c = {"w": w, "s": s, "b": b}, {"w": cw, "s": cs, "b": cb}
+        tg = {k: t[k] * c[k] * x[k] for k in x}
+        norm = np.sqrt(sum(np.sum(v**2) for v in tg.values()))
+        return {k: x[k] - lr * c[k] * (x[k] + rho * t[k] * tg[k] / norm) for k in x}
+
+    def loss(p, _):
+        return 0.5 * sum(
+            jnp.sum(jnp.asarray(c, jnp.float32) * p[k] ** 2)
+            for k, c in (("w", cw), ("s", cs), ("b", cb))
+        )
+
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in (("w", w), ("s", s), ("b", b))}
+    for mask, scale_s in ((samx.all_but_biases, True), (None, False)):
+        tx = samx.sam(optax.sgd(lr), rho=rho, adaptive=True, eta=eta, mask=mask)
+        [got] = _train(tx, params, loss, [None])
+        for k, v in expected(scale_s).items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-6, err_msg=k)
+    assert not np.allclose(expected(True)["s"], expected(False)["s"], rtol=1e-4)
+
+
+def test_all_but_biases_names_must_be_a_tuple_of_strings():
+    for names in ("bias", (), ("bias", 1), ["bias"]):
+        with pytest.raises(TypeError, match=r"samx\.all_but_biases\(names=\.\.\.\)"):
+            samx.all_but_biases({"b": 1}, names=names)

@@ -293,6 +293,17 @@ def test_rejects_lam_outside_zero_one(lam):
         samx.sampa(optax.sgd(0.1), lam=lam)
 
 
+def test_a_lam_schedule_that_leaves_zero_one_is_rejected_when_built():
+    with pytest.raises(
+        ValueError,
+        match=r"`samx\.sampa\(lam=\.\.\.\)` at step 1000 .*\[0\.0, 1\.0\], got 2\.",
+    ):
+        samx.sampa(optax.sgd(0.1), lam=optax.linear_schedule(0.0, 2.0, 1000))
+    with pytest.raises(ValueError, match=r"`samx\.sampa\(rho=\.\.\.\)` at step 0"):
+        samx.sampa(optax.sgd(0.1), rho=optax.constant_schedule(-0.1))
+    samx.sampa(optax.sgd(0.1), lam=optax.linear_schedule(0.0, 1.0, 1000))
+
+
 def test_accepts_lam_at_the_ends_and_as_an_array():
     for lam in (0.0, 1.0, jnp.asarray(0.5), optax.constant_schedule(0.3)):
         samx.sampa(optax.sgd(0.1), lam=lam)

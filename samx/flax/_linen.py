@@ -10,7 +10,7 @@ from flax import struct
 from flax.core import unfreeze
 from flax.training import train_state
 
-from samx import _checks, _plan
+from samx import _chain, _checks, _plan
 from samx.flax import _common
 
 
@@ -53,7 +53,9 @@ class TrainState(train_state.TrainState):
                 " arrays, got None."
             )
         _checks.require_params(fn, params, "create")
-        return super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+        state = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+        _chain.warn_transforms_before(fn, state.opt_state)
+        return state
 
 
 def _check_state(fn: str, state: Any) -> None:

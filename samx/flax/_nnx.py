@@ -7,7 +7,7 @@ import jax
 import optax
 from flax import nnx
 
-from samx import _plan
+from samx import _chain, _plan
 from samx.flax import _common
 
 
@@ -173,6 +173,7 @@ def _grads(
             f"`{fn}(model=...)` must be an `nnx.Module`, got {type(model).__name__}."
         )
     opt_state, wrt = _opt_state_and_wrt(fn, optimizer)
+    _chain.warn_transforms_before(fn, opt_state)  # at trace time, once
     plan = _plan.evaluation_plan(opt_state, pairing=pairing)
     graphdef, wrt_state, rest = nnx.split(model, wrt, ...)
     start_rest = nnx.as_pure(rest)

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samx import _checks, _plan
+from samx import _chain, _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import method_of as method_of
 from samx.runtime import _devices
@@ -324,6 +324,7 @@ class Trainer:
             _checks.require_params("samx.runtime.Trainer", params, "init")
         params = self._put(params, self._state_place)
         opt_state = jax.jit(self.tx.init)(params)
+        _chain.warn_transforms_before("samx.runtime.Trainer", opt_state)
         plan = self.plan(opt_state)
         if self.ascent_batch_size is not None and not plan.uses(_plan.ASCENT):
             raise ValueError(
