@@ -100,11 +100,23 @@ SHARES = {
 MIN_ROUNDS = 3
 # The time-to-accuracy methods: SGD and one of each samx transform.
 ACCURACY_METHODS = ("sgd", "sam", "async_sam", "sampa")
-# Goals of the issue for the GPU figures; compared, never assumed.
-GOALS = {
-    "async_sam/host/calibrated": 1.10,
-    "sampa/vmap": 1.4,
-}
+# The goals for an accelerator's figures: (row, figure, at most). Each is
+# compared with what was measured, on an accelerator only; SAM's "about 2x"
+# is reported, not judged.
+GOALS = (
+    ("async_sam/host/calibrated", "ratio_vs_sgd", 1.10),
+    ("sampa/vmap", "ratio_vs_sgd", 1.4),
+    *(
+        (key, "trainer_vs_pure", 1.05)
+        for key in (
+            "sgd/trainer",
+            "sam/trainer",
+            "async_sam/accelerator/trainer",
+            "sampa/vmap/trainer",
+            "sampa/two/trainer",
+        )
+    ),
+)
 
 
 class Stop(Exception):
@@ -633,6 +645,7 @@ def table(record: dict) -> str:
                 + (f" {r['median_step_s'] * 1e3:.2f} |" if gpu else "")
             )
         lines.append("")
+        lines += goals(s["rows"], gpu)
     if "timeline" in parts:
         t = parts["timeline"]
         shares = [
@@ -672,10 +685,29 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def goals(rows: list[dict], gpu: bool) -> list[str]:
+    """The goals, each against its measured figure (on an accelerator only)."""
+    if not gpu:
+        return ["Goals: not judged without an accelerator.", ""]
+    by_key = {r["key"]: r for r in rows}
+    lines = ["Goals (measured above):", ""]
+    for key, figure, most in GOALS:
+        value = by_key.get(key, {}).get(figure)
+        verdict = (
+            "not measured"
+            if value is None
+            else f"{value:.2f}x, {'met' if value <= most else 'missed'}"
+        )
+        lines.append(f"- {key}, {figure} <= {most}x: {verdict}")
+    sam = by_key.get("sam", {}).get("ratio_vs_sgd")
+    lines += [f"- sam, ratio_vs_sgd about 2x: {sam:.2f}x" if sam else "", ""]
+    return lines
+
+
 def step_time_plot(rows: list[dict], path: str, title: str) -> None:
     plt = plots._pyplot()
     rows = [r for r in rows if "ratio_vs_sgd" in r and r["ratio_vs_sgd"]]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(rows) + 1.4))
     ax.barh(
         range(len(rows)),
         [r["ratio_vs_sgd"] for r in rows],
@@ -684,7 +716,7 @@ def step_time_plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_yticks(range(len(rows)), [f"{r['label']} ({r['loop']})" for r in rows])
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("time per step / SGD's (orange: ascent on the host CPU)")
+    ax.set_xlabel("time per step / SGD's (orange: the ascent on the host CPU)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -699,7 +731,8 @@ def write_outputs(run: Run, out: str, name: str, measured, accuracy) -> list[str
         with open(path, "w") as f:
             f.write(table(run.record) + "\n")
         paths.append(path)
-        title = f"{name}, {run.record['parts'].get('machine', {}).get('accelerator')}"
+        accelerator = run.record["parts"].get("machine", {}).get("accelerator")
+        title = accelerator or f"{name}: no accelerator, CPU stand-ins"
         if "step_time" in run.record["parts"]:
             path = os.path.join(out, f"{name}-step_time.png")
             step_time_plot(run.record["parts"]["step_time"]["rows"], path, title)
@@ -790,8 +823,8 @@ def main(argv=None) -> int:
         finally:
             run.save()
     paths = [run.path, *write_outputs(run, args.out, name, measured, accuracy)]
-    print()
-    print(table(run.record))
+    with contextlib.suppress(Exception):  # the files are written; print is extra
+        print(f"\n{table(run.record)}")
     for path in paths:
         print(f"wrote {path}")
     return status
