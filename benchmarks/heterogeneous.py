@@ -119,8 +119,12 @@ GOALS = (
 )
 
 
-class Stop(Exception):
-    """The budget ran out, or the run was interrupted."""
+class Stop(BaseException):
+    """The budget ran out, or the run was interrupted.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: library code that catches
+    ``Exception`` (jax's compilation cache does) must not swallow it.
+    """
 
 
 class Run:
@@ -159,15 +163,16 @@ class Run:
 def stop_at(seconds: float):
     """Raises :class:`Stop` in the main thread after ``seconds``, on SIGTERM.
 
-    (A signal is handled when Python code runs, so a compilation in progress
-    finishes first.)
+    A signal is handled when Python code runs, so a compilation in progress
+    finishes first; the alarm repeats every 5 s until the caller cancels it
+    (``signal.setitimer(signal.ITIMER_REAL, 0)``).
     """
 
     def handler(signum, frame):
         raise Stop("budget" if signum == signal.SIGALRM else "terminated")
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGALRM, signal.SIGTERM)}
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3), 5.0)
     try:
         yield
     finally:
@@ -416,7 +421,14 @@ def step_times(run, descent, host, params, loss, batches, sizes, calibrated):
         took = time.perf_counter() - took
         run.log(f"compiled {row.key}: {describe(stepper.gradients)}")
     times: dict[Row, list[float]] = {config: [] for config in loops}
-    rounds = 0
+
+    def save(rounds: int) -> list[dict]:
+        """The rows' medians so far, saved: an interrupted run keeps them."""
+        out = summarize(rows, same, loops, times)
+        run.part("step_time", {"rounds": rounds, "inner": sizes.inner, "rows": out})
+        return out
+
+    rounds, out = 0, save(0)
     while rounds < sizes.rounds and (rounds < MIN_ROUNDS or run.left("step_time") > 0):
         for config, loop in loops.items():  # interleaved
             stepper, state = loop
@@ -427,7 +439,13 @@ def step_times(run, descent, host, params, loss, batches, sizes, calibrated):
             times[config].append((time.perf_counter() - start) / sizes.inner)
             loop[1] = state
         rounds += 1
+        out = save(rounds)
     run.log(f"step time: {rounds} interleaved rounds of {sizes.inner} steps")
+    return out
+
+
+def summarize(rows, same, loops, times) -> list[dict]:
+    """Each row's median step time, its ratios and where its gradients ran."""
     medians = {
         row.key: statistics.median(times[same[row.key]])
         for row in rows
@@ -460,7 +478,6 @@ def step_times(run, descent, host, params, loss, batches, sizes, calibrated):
         else:
             entry["skipped"] = "budget"
         out.append(entry)
-    run.part("step_time", {"rounds": rounds, "inner": sizes.inner, "rows": out})
     return out
 
 
@@ -517,7 +534,7 @@ def record_timeline(run, descent, host, params, loss, batches, sizes, calibrated
 # -- 5. time to accuracy --------------------------------------------------------
 
 
-def time_to_accuracy(run, descent, host, sizes, on_host_ascent=True):
+def time_to_accuracy(run, descent, host, sizes):
     data = load_digits(noise=0.4, seed=0)
     steps = sizes.epochs * (data.x_train.shape[0] // sizes.digits_batch)
     x_test, y_test = jax.device_put((data.x_test, data.y_test), descent)
@@ -528,11 +545,25 @@ def time_to_accuracy(run, descent, host, sizes, on_host_ascent=True):
         return flax_models.accuracy(logits, y_test)
 
     results, out = {}, {}
+
+    def save():
+        run.part(
+            "time_to_accuracy",
+            {
+                "model": "samx.examples.flax_models.LinenCNN (BatchNorm)",
+                "data": "digits, 40% symmetric label noise, seed 0",
+                "epochs": sizes.epochs,
+                "batch_size": sizes.digits_batch,
+                "methods": out,
+            },
+        )
+
     took = 0.0  # the last method's run, compilation included
     for name in ACCURACY_METHODS:
         if run.left("time_to_accuracy") <= took:
             run.log(f"time to accuracy: out of its share of the budget before {name}")
             out[name] = {"skipped": "budget"}
+            save()
             continue
         took = time.perf_counter()
         method = METHODS[name]
@@ -571,16 +602,7 @@ def time_to_accuracy(run, descent, host, sizes, on_host_ascent=True):
             "curve": curve,
             "test_accuracy": curve[-1][1],
         }
-        run.part(
-            "time_to_accuracy",
-            {
-                "model": "samx.examples.flax_models.LinenCNN (BatchNorm)",
-                "data": "digits, 40% symmetric label noise, seed 0",
-                "epochs": sizes.epochs,
-                "batch_size": sizes.digits_batch,
-                "methods": out,
-            },
-        )
+        save()
         run.log(
             f"time to accuracy: {name} {curve[-1][1]:.3f} after {seconds:.2f} s"
             f" ({describe(stepper.gradients)})"
@@ -807,20 +829,32 @@ def main(argv=None) -> int:
                 )
             if run.left("time_to_accuracy") > 0:
                 accuracy = time_to_accuracy(run, descent, host, sizes)
-            skipped = [p for p in SHARES if p not in run.record["parts"]]
-            run.record["complete"] = not skipped and not any(
-                "skipped" in r
-                for r in run.record["parts"].get("step_time", {}).get("rows", [])
-            )
-            if skipped:
-                run.record["skipped"] = skipped
-            status = 0 if run.record["complete"] else 3
+            status = 0
         except (Stop, KeyboardInterrupt) as e:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             reason = str(e) or "interrupted"
             run.record["stopped"] = reason
             run.log(f"stopped ({reason}): writing what was measured")
             status = 3 if reason == "budget" else 130
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # nothing may stop the save
+            parts = run.record["parts"]
+            skipped = [p for p in SHARES if p not in parts]
+            skipped += [
+                f"step_time {r['key']}"
+                for r in parts.get("step_time", {}).get("rows", [])
+                if "skipped" in r
+            ]
+            skipped += [
+                f"time_to_accuracy {k}"
+                for k, m in parts.get("time_to_accuracy", {}).get("methods", {}).items()
+                if "skipped" in m
+            ]
+            run.record["complete"] = not skipped and "stopped" not in run.record
+            if skipped:
+                run.record["skipped"] = skipped
+                run.log(f"not measured (budget): {', '.join(skipped)}")
+                status = status or 3
             run.save()
     paths = [run.path, *write_outputs(run, args.out, name, measured, accuracy)]
     with contextlib.suppress(Exception):  # the files are written; print is extra
@@ -846,4 +880,12 @@ if __name__ == "__main__":
         jax.config.update("jax_num_cpu_devices", 2)
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0"
-    sys.exit(main())
+    status = main()
+    if status:
+        # Stopped in the middle of device work: XLA's threads may still be
+        # running it, and tearing the interpreter down under them can crash.
+        # Everything is written; leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
