@@ -289,7 +289,14 @@ def step_rows(batch: int, calibrated: int) -> list[Row]:
         Row("sgd", "SGD", "sgd", "pure jit", "one jit"),
         Row("sgd/trainer", "SGD", "sgd", "Trainer", "one jit", pure="sgd"),
         Row("sam", "SAM", "sam", "pure jit", "one jit, two sequential gradients"),
-        Row("sam/trainer", "SAM", "sam", "Trainer", "one jit", pure="sam"),
+        Row(
+            "sam/trainer",
+            "SAM",
+            "sam",
+            "Trainer",
+            "one jit, two sequential gradients",
+            pure="sam",
+        ),
     ]
     for key, size in (
         ("calibrated", calibrated),
@@ -302,7 +309,7 @@ def step_rows(batch: int, calibrated: int) -> list[Row]:
                 f"AsyncSAM, ascent on the host CPU, b' = {size} ({key})",
                 "async_sam",
                 "Trainer",
-                "two devices, overlapped",
+                "two devices, at the same time",
                 ascent_batch_size=max(1, size),
                 on_host=True,
             )
