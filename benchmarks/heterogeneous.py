@@ -36,7 +36,7 @@ stands in for the accelerator, cpu:1 for the host CPU), in well under a
 minute; the tests run it. Its figures say nothing about an accelerator.
 
 Usage:
-  PYTHONPATH=. python3 benchmarks/heterogeneous.py --out DIR [--budget-s 240]
+  PYTHONPATH=. python3 benchmarks/heterogeneous.py --out DIR [--budget-s 225]
   python benchmarks/heterogeneous.py --smoke --out DIR
 """
 
@@ -794,8 +794,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budget-s",
         type=float,
-        default=240.0,
-        help="stop and write what was measured after this many seconds (default 240)",
+        default=225.0,
+        help="stop and write what was measured after this many seconds (default 225)",
     )
     args = p.parse_args(argv)
     if args.budget_s <= 0:
