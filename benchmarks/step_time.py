@@ -70,8 +70,15 @@ def write_json(result: dict, path: str | None) -> None:
             json.dump(result, f, indent=2)
 
 
-def problem(model: str, batch: int, width: int, seed: int = 0):
-    """``(params, batch, loss)`` for "mlp" (64 features) or "resnet20" (32x32x3)."""
+def problem(
+    model: str, batch: int, width: int, seed: int = 0, image: int = 32, blocks: int = 3
+):
+    """``(params, batch, loss)`` for "mlp" (64 features) or "resnet20" (32x32x3).
+
+    ``width`` is the MLP's hidden width; ``image`` and ``blocks`` shrink the
+    CNN's inputs (``image x image x 3``) and its residual blocks per stage, for
+    smoke runs.
+    """
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     labels = jax.random.randint(ky, (batch,), 0, 10)
     if model == "mlp":
@@ -79,8 +86,10 @@ def problem(model: str, batch: int, width: int, seed: int = 0):
         x = jax.random.normal(kx, (batch, 64))
         return params, {"x": x, "y": labels}, classification_loss
     if model == "resnet20":
-        params = models.init_resnet20(jax.random.key(seed))
-        x = jax.random.normal(kx, (batch, 32, 32, 3))
+        # One compiled init, not an XLA:CPU compilation per eager op.
+        init = jax.jit(models.init_resnet20, static_argnames="blocks")
+        params = init(jax.random.key(seed), blocks=blocks)
+        x = jax.random.normal(kx, (batch, image, image, 3))
 
         def loss(params, batch):
             return classification_loss(params, batch, apply=models.resnet20)

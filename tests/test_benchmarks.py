@@ -1,13 +1,16 @@
 """The benchmark scripts run (smoke runs; their figures are not checked here)."""
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import heterogeneous  # noqa: E402
 import memory  # noqa: E402
 import runtime_overhead  # noqa: E402
 import step_time  # noqa: E402
@@ -45,3 +48,108 @@ def test_runtime_overhead_quick():
     loops = {(r["optimizer"], r["loop"]) for r in rows}
     assert ("async_sam", "trainer, two devices") in loops
     assert all(r["median_step_s"] > 0 for r in rows)
+
+
+# --- benchmarks/heterogeneous.py -----------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HETEROGENEOUS_ROWS = {
+    "sgd",
+    "sgd/trainer",
+    "sam",
+    "sam/trainer",
+    "async_sam/host/calibrated",
+    "async_sam/host/b/4",
+    "async_sam/host/b/8",
+    "async_sam/accelerator",
+    "async_sam/accelerator/trainer",
+    "sampa/vmap",
+    "sampa/vmap/trainer",
+    "sampa/two",
+    "sampa/two/trainer",
+}
+
+
+def test_heterogeneous_smoke_writes_every_row_naming_where_each_gradient_ran(
+    tmp_path,
+):
+    """The command the accelerator will run, with tiny sizes on two CPU devices."""
+    out = subprocess.run(
+        [sys.executable, "benchmarks/heterogeneous.py", "--smoke", "--out", tmp_path],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["complete"] and "stopped" not in record
+    parts = record["parts"]
+    assert set(parts) == {
+        "machine",
+        "calibration",
+        "step_time",
+        "timeline",
+        "time_to_accuracy",
+    }
+    assert {"cpu", "cores", "accelerator", "versions"} <= set(parts["machine"])
+    assert {"jax", "jaxlib"} <= set(parts["machine"]["versions"])
+    # cpu:0 stands in for the accelerator, cpu:1 for the host CPU.
+    c = parts["calibration"]
+    assert (c["descent_device"], c["ascent_device"]) == ("cpu:0", "cpu:1")
+    assert str(c["ascent_batch_size"]) in c["ascent_seconds"]
+    rows = {r["key"]: r for r in parts["step_time"]["rows"]}
+    assert set(rows) == HETEROGENEOUS_ROWS
+    for key, row in rows.items():
+        devices = {g["batch"]: g["device"] for g in row["gradients"]}
+        if key.startswith("async_sam/host"):
+            assert devices == {"ascent": "cpu:1", "previous": "cpu:0"}, key
+        else:
+            assert set(devices.values()) == {"cpu:0"}, key
+        assert row["median_step_s"] > 0 and row["ratio_vs_sgd"] > 0
+        assert row["finite"], key
+        assert (row["trainer_vs_pure"] is not None) == key.endswith("/trainer")
+    host_sizes = {
+        rows[f"async_sam/host/{k}"]["ascent_batch_size"]
+        for k in ("calibrated", "b/4", "b/8")
+    }
+    assert {4, 2} <= host_sizes  # b/4 and b/8 of the smoke batch, 16
+    assert (
+        rows["async_sam/host/calibrated"]["ascent_batch_size"]
+        == (c["ascent_batch_size"])
+    )
+    # The timeline saw the ascent finish on the host, the descent on the other.
+    segments = parts["timeline"]["segments"]
+    assert {(s["device"], s["label"]) for s in segments} >= {
+        ("cpu:1", "ascent gradient"),
+        ("cpu:0", "descent gradient"),
+    }
+    methods = parts["time_to_accuracy"]["methods"]
+    assert set(methods) == {"sgd", "sam", "async_sam", "sampa"}
+    ascent = {g["device"] for g in methods["async_sam"]["gradients"]}
+    assert ascent == {"cpu:0", "cpu:1"}
+    for m in methods.values():
+        assert 0.0 <= m["test_accuracy"] <= 1.0 and m["curve"]
+    stem = path.stem
+    for suffix in (".md", "-step_time.png", "-timeline.png", "-accuracy_vs_time.png"):
+        assert (tmp_path / f"{stem}{suffix}").stat().st_size > 0, suffix
+    assert "| SAMPa, vmap-fused | Trainer |" in out.stdout
+
+
+def test_heterogeneous_stops_at_its_budget_and_keeps_what_it_had(tmp_path):
+    status = heterogeneous.main(
+        ["--smoke", "--out", str(tmp_path), "--budget-s", "0.001"]
+    )
+    assert status == 3
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert not record["complete"]
+    assert record.get("stopped") == "budget" or record.get("skipped")
+    assert (tmp_path / f"{path.stem}.md").read_text().startswith("# Heterogeneous")
+
+
+def test_heterogeneous_rejects_a_budget_that_is_not_positive():
+    with pytest.raises(SystemExit):
+        heterogeneous.parse_args(["--out", "x", "--budget-s", "0"])

@@ -53,3 +53,24 @@ def test_noise_flips_exactly_the_requested_fraction():
     assert set(data.y_train.tolist()) == set(range(10))
     with pytest.raises(ValueError, match="noise"):
         symmetric_noise(data.y_train, -0.1, 10, None)
+
+
+def test_the_trainer_loop_trains_as_the_scan_loop_does():
+    """On an accelerator the main job steps through the Trainer; on a CPU it
+    runs an epoch per lax.scan. Both see the same batches in the same pairing,
+    so they reach the same test accuracy (to an example: they round apart)."""
+    argv = ["--quick", "--epochs", "1", "--no-progress"]
+    argv += ["--optimizers", "sgd,optax_sam,async_sam"]
+    assert compare.resolve_loop("auto") == "scan"  # a CPU-only machine
+    scan = compare.run(compare.parse_args(argv))
+    trainer_args = compare.parse_args([*argv, "--loop", "trainer"])
+    trainer = compare.run(trainer_args)
+    assert trainer_args.loop == "trainer"
+    n_test = len(load_digits().y_test)
+    for name, runs in scan.items():
+        (a,), (b,) = runs, trainer[name]
+        assert a.steps == b.steps and len(b.curve) == 1
+        assert abs(a.test_accuracy - b.test_accuracy) <= 1 / n_test + 1e-6, name
+    note = compare.table(trainer, 0.4, "trainer")
+    assert "through samx.runtime.Trainer" in note
+    assert "AsyncSAM's ascent on the host CPU" in note

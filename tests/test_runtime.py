@@ -283,7 +283,61 @@ def test_state_is_a_pytree_that_round_trips():
 # --- calibration ---------------------------------------------------------------
 
 
-def test_calibration_picks_a_power_of_two_within_the_batch():
+def _fake_timings(monkeypatch, descent, ascent):
+    """Replaces the clock: the descent takes ``descent`` s, b' takes ascent(b')."""
+    calls = []
+
+    def fake(fn, args, repeats):
+        examples = jax.tree.leaves(args[2])[0]
+        (device,) = examples.devices()
+        size = examples.shape[0]
+        calls.append((device, size))
+        return descent if device == CPU0 else ascent(size)
+
+    monkeypatch.setattr("samx.runtime._calibrate._median_seconds", fake)
+    return calls
+
+
+def _largest_hidden(batch, descent, ascent):
+    """The largest power of two b' <= batch with ascent(b') <= descent, else 1."""
+    fits = [2**k for k in range(batch.bit_length()) if ascent(2**k) <= descent]
+    return max(fits, default=1)
+
+
+@pytest.mark.parametrize(
+    "batch, ascent",
+    [
+        (64, lambda b: 0.006 + 0.0005 * b),  # fixed cost: 8, where b t_f/t_s gives 16
+        (64, lambda b: 0.0001 * b),  # the whole batch hides: 64
+        (64, lambda b: 0.02 + b),  # even one example is slower: 1
+        (48, lambda b: 0.0004 * b),  # not a power of two: 16 (of 1..32)
+        (40, lambda b: 0.001 * b),  # exactly the descent's time hides: 8
+        (1, lambda b: 0.001 * b),
+    ],
+)
+def test_calibration_picks_the_largest_power_of_two_that_hides(
+    monkeypatch, batch, ascent
+):
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=batch)
+    calls = _fake_timings(monkeypatch, 0.008, ascent)
+    c = calibrate_ascent_batch(
+        loss, params, _numpy_batches(sample, 1)[0], fast_device=CPU0, slow_device=CPU1
+    )
+    assert c.ascent_batch_size == _largest_hidden(batch, 0.008, ascent)
+    assert calls[0] == (CPU0, batch)  # the descent: the whole batch, fast device
+    timed = [size for device, size in calls[1:]]
+    assert all(device == CPU1 for device, _ in calls[1:])
+    assert len(set(timed)) == len(timed) <= 4  # bisection: few compilations
+    assert c.ascent_seconds == {b: ascent(b) for b in sorted(timed)}
+    assert c.ascent_batch_size in c.ascent_seconds
+    assert c.descent_seconds == 0.008 and c.batch_size == batch
+    assert c.fast_seconds_per_example == pytest.approx(0.008 / batch)
+    b_ = c.ascent_batch_size
+    assert c.slow_seconds_per_example == pytest.approx(ascent(b_) / b_)
+    assert (c.fast_device, c.slow_device) == (CPU0, CPU1)
+
+
+def test_calibration_reports_timings_consistent_with_its_choice():
     params, loss, sample = mlp_problem(jax.random.key(0), batch=64)
     batch = _numpy_batches(sample, 1)[0]
     c = calibrate_ascent_batch(
@@ -292,11 +346,13 @@ def test_calibration_picks_a_power_of_two_within_the_batch():
     assert c.batch_size == 64
     assert 1 <= c.ascent_batch_size <= 64
     assert c.ascent_batch_size & (c.ascent_batch_size - 1) == 0
-    assert c.fast_seconds_per_example > 0 and c.slow_seconds_per_example > 0
-    expected = 64 * c.fast_seconds_per_example / c.slow_seconds_per_example
-    assert c.ascent_batch_size <= max(1, expected) < 2 * c.ascent_batch_size or (
-        c.ascent_batch_size == 64 and expected >= 64
-    )
+    assert c.descent_seconds > 0 and all(t > 0 for t in c.ascent_seconds.values())
+    # Every timed b' up to the chosen one hid behind the descent, every larger
+    # one did not (b' = 1 is chosen even when it does not hide).
+    for size, seconds in c.ascent_seconds.items():
+        assert size & (size - 1) == 0 and size <= 64
+        hides = seconds <= c.descent_seconds
+        assert hides == (size <= c.ascent_batch_size) or size == 1
     assert (c.fast_device, c.slow_device) == (CPU0, CPU1)
 
 

@@ -39,12 +39,16 @@ def _conv(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
     )
 
 
-def init_resnet20(key: jax.Array, num_classes: int = 10, width: int = 16) -> dict:
+def init_resnet20(
+    key: jax.Array, num_classes: int = 10, width: int = 16, blocks: int = 3
+) -> dict:
     """A ResNet-20-size CNN for 32x32x3 inputs (about 0.27M parameters).
 
-    Three stages of three residual blocks (two 3x3 convolutions each) with
+    Three stages of ``blocks`` residual blocks (two 3x3 convolutions each) with
     ``width``, ``2 * width`` and ``4 * width`` channels, a 1x1 projection where
-    the shape changes, no normalisation layers (a benchmark model).
+    the shape changes, no normalisation layers (a benchmark model). With the
+    default three blocks per stage it has ResNet-20's 19 convolutions and
+    head; fewer make a smaller network of the same shape, for smoke runs.
     """
     keys = iter(jax.random.split(key, 64))
 
@@ -55,7 +59,7 @@ def init_resnet20(key: jax.Array, num_classes: int = 10, width: int = 16) -> dic
     params = {"stem": he((3, 3, 3, width))}
     channels = width
     for stage, out in enumerate((width, 2 * width, 4 * width)):
-        for block in range(3):
+        for block in range(blocks):
             p = {"conv1": he((3, 3, channels, out)), "conv2": he((3, 3, out, out))}
             p["conv2"] = p["conv2"] * 0.1  # start close to the identity
             if channels != out:
@@ -69,8 +73,9 @@ def init_resnet20(key: jax.Array, num_classes: int = 10, width: int = 16) -> dic
 def resnet20(params: dict, x: jax.Array) -> jax.Array:
     """Logits of :func:`init_resnet20`'s network on NHWC images."""
     h = jax.nn.relu(_conv(x, params["stem"]))
+    blocks = sum(key.startswith("stage0_") for key in params)
     for stage in range(3):
-        for block in range(3):
+        for block in range(blocks):
             p = params[f"stage{stage}_block{block}"]
             stride = 2 if stage > 0 and block == 0 else 1
             y = jax.nn.relu(_conv(h, p["conv1"], stride))
