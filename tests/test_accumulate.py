@@ -107,6 +107,11 @@ def test_is_the_mean_over_strided_microbatches():
     assert set(seen) == {(4, 2)}  # never the whole batch: one micro-batch's memory
 
 
+@pytest.mark.skipif(
+    jax.__version_info__ < (0, 10, 1),
+    reason="JAX < 0.10.1 cannot differentiate a matmul over a batch sharded in"
+    " Explicit mode without out_sharding (the loss fails, with or without samx)",
+)
 def test_a_batch_sharded_along_axis_0_stays_sharded():
     # Data parallel over the 8 CPU devices with explicit sharding: each
     # micro-batch is split over all the devices (a contiguous split is refused).

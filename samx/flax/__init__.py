@@ -1,6 +1,8 @@
 """Flax helpers for the samx transforms: NNX and linen, BatchNorm done right.
 
-``import samx.flax`` imports Flax (``import samx`` does not). The helpers turn
+``import samx.flax`` imports Flax (``import samx`` does not) and needs Flax
+0.12.7 or newer (``pip install 'samx[flax]'``): with an older one it raises an
+``ImportError`` that names the version. The helpers turn
 a model and a loss into what a samx transform needs, the gradients and a
 ``grad_fn(params, i)``, for ``nnx.Optimizer`` (:func:`nnx_grads`,
 :func:`nnx_train_step`, :func:`make_nnx_train_step`) and for linen's
@@ -32,6 +34,11 @@ same trace and written after the update. Wrappers that call ``tx.update``
 under ``lax.cond`` (``optax.MultiSteps``, ``optax.apply_if_finite``) are
 therefore not supported: the helpers raise a ``RuntimeError`` for them.
 """
+
+from samx import _versions
+
+# Before the helpers import Flax: an older Flax fails here, naming the version.
+_versions.require("flax", _versions.FLAX, "samx.flax", "flax")
 
 from samx.flax._common import DescentGradFn as DescentGradFn
 from samx.flax._linen import TrainState as TrainState

@@ -36,8 +36,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     Examples:
       >>> import jax
       >>> from samx.runtime import replicated
-      >>> replicated(jax.sharding.Mesh(jax.devices(), ("data",))).spec
-      P()
+      >>> tuple(replicated(jax.sharding.Mesh(jax.devices(), ("data",))).spec)
+      ()
 
     References:
       JAX, `Distributed arrays and automatic parallelization
@@ -63,8 +63,8 @@ def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
     Examples:
       >>> import jax
       >>> from samx.runtime import batch_sharding
-      >>> batch_sharding(jax.sharding.Mesh(jax.devices(), ("data",))).spec
-      P('data',)
+      >>> tuple(batch_sharding(jax.sharding.Mesh(jax.devices(), ("data",))).spec)
+      ('data',)
 
     References:
       JAX, `Distributed arrays and automatic parallelization
