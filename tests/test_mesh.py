@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import mlp_problem, pure_step
+from _testing import m_sharpness_reference, mlp_problem, pure_step
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -263,43 +263,11 @@ def test_trainer_mesh_bad_input():
 # --- 3. m-sharpness ---------------------------------------------------------------
 
 
-def _m_sharpness_reference(params, loss, batches, rho, n, eps=1e-12):
-    """For each shard k: e_k = rho g_k/||g_k||, d_k = grad L_k(x + e_k); SGD on
-    the mean of the d_k, with optax's sgd (momentum 0.9), all on one device."""
-    grad = jax.grad(loss)
-    base = optax.sgd(0.1, momentum=0.9)
-    state, out = base.init(params), []
-
-    def norm(tree):
-        return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
-
-    @jax.jit
-    def descent(params, batch):
-        ds = []
-        for k in range(n):
-            shard = jax.tree.map(
-                lambda x, k=k: x[k * BATCH // n : (k + 1) * BATCH // n], batch
-            )
-            g = grad(params, shard)
-            scale = rho / (norm(g) + eps)
-            ds.append(
-                grad(jax.tree.map(lambda p, x, s=scale: p + s * x, params, g), shard)
-            )
-        return jax.tree.map(lambda *x: sum(x) / n, *ds)
-
-    for batch in batches:
-        d = descent(params, batch)
-        updates, state = base.update(d, state, params)
-        params = optax.apply_updates(params, updates)
-        out.append(params)
-    return out
-
-
 def test_m_sharpness_equals_the_per_shard_reference():
     params, loss, batches = _problem()
     tx = TRANSFORMS["sam"]()
     step = make_data_parallel_step(tx, loss, MESH, m_sharpness=True)
-    expected = _m_sharpness_reference(params, loss, batches, 0.05, n=8)
+    expected = m_sharpness_reference(params, loss, batches, 0.05, n=8)
     every = NamedSharding(MESH, P())
     p = jax.device_put(params, every)
     s = jax.device_put(tx.init(p), every)
