@@ -7,8 +7,10 @@ one device, on the global batches. Every launch has a timeout, after which
 every process is stopped and the test fails with the processes' output.
 """
 
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ from samx.runtime.launch import LaunchError, launch
 WORKER = str(pathlib.Path(__file__).with_name("_distributed_worker.py"))
 PROCESSES, CPU_DEVICES = 2, 2
 BATCH, STEPS = 16, 6  # global batch: 8 examples per process, 4 per device
-TIMEOUT = 240  # s, per launch; each takes far less on an idle 2-core machine
+TIMEOUT = 180  # s, per launch; each takes far less on an idle 2-core machine
 
 
 def _problem(steps):
@@ -98,6 +100,8 @@ def _assert_gone(pids, wait=5.0):
     while any(map(running, pids)) and time.monotonic() < end:
         time.sleep(0.05)
     left = [pid for pid in pids if running(pid)]
+    for pid in left:  # the test fails, but leaves nothing running either
+        os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
 
 
@@ -172,9 +176,9 @@ def test_two_processes_equal_one_process(equality_run, case):
 def test_two_processes_bad_input_raises_a_clear_error(equality_run):
     _, outputs, _ = equality_run
     expected = {
-        "sampa with an ascent device": r"Trainer\(ascent_device=CpuDevice\(id=\d+\)\)`: on a mesh"
-        r" that spans several processes, sampa's gradient 1 sees the current global"
-        r" batch.*leave `ascent_device` None",
+        "sampa with an ascent device": r"Trainer\(ascent_device=CpuDevice\(id=\d+\)\)`:"
+        r" on a mesh that spans several processes, sampa's gradient 1 sees the"
+        r" current global batch.*leave `ascent_device` None",
         "a different ascent batch per process": r"Trainer\(ascent_batch_size=[23]\)`"
         r" differs between the processes",
         "a global batch": r"Trainer.step\(batch=\.\.\.\)`: on a mesh that spans"
@@ -260,9 +264,9 @@ def test_launcher_times_out_and_stops_the_grandchildren_too():
     _assert_gone(_pids(e.value.outputs))
 
 
-def test_hung_collective_fails_with_a_clear_message(tmp_path):
-    # Rank 1 never joins the collective that rank 0 waits in.
-    code = (
+def _collective(rank_1):
+    """A program where rank 0 waits in an all-reduce and rank 1 runs ``rank_1``."""
+    return (
         "import os, time\n"
         "from samx.runtime.launch import initialize\n"
         "rank, n = initialize()\n"
@@ -272,14 +276,31 @@ def test_hung_collective_fails_with_a_clear_message(tmp_path):
         "mesh = Mesh(np.array(jax.devices()), ('data',))\n"
         "x = jax.make_array_from_process_local_data(\n"
         "    NamedSharding(mesh, P('data')), np.ones(2, np.float32))\n"
-        "if rank == 1: time.sleep(600)\n"
+        f"if rank == 1: {rank_1}\n"
         "print('entering the collective', flush=True)\n"
         "jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)"
         ".block_until_ready()\n"
     )
+
+
+def test_hung_collective_fails_with_a_clear_message():
+    # Rank 1 never joins the collective that rank 0 waits in.
+    code = _collective("time.sleep(600)")
     with pytest.raises(LaunchError, match=r"timed out .*hung collective") as e:
         launch(["-c", code], 2, cpu_devices=2, timeout=12, echo=False, grace=1)
     assert "entering the collective" in e.value.outputs[0]
+    _assert_gone(_pids(e.value.outputs))
+
+
+def test_an_exception_in_one_process_stops_the_run_at_once():
+    # Not after jax.distributed's shutdown barrier (minutes), nor at the timeout.
+    code = _collective("raise ValueError('bad input on rank 1')")
+    with pytest.raises(
+        LaunchError,
+        match=r"(?s)rank 1 exited with exit status 1 after \d+ s.*bad input",
+    ) as e:
+        launch(["-c", code], 2, cpu_devices=2, timeout=120, echo=False, grace=1)
+    assert not e.value.timed_out
     _assert_gone(_pids(e.value.outputs))
 
 

@@ -290,7 +290,9 @@ def initialize(*, timeout: int = 120) -> tuple[int, int]:
     sets the CPU device count the launcher asks for, the CPU collectives to
     gloo (cross-process collectives on the CPU backend), and joins the
     coordinator. A watchdog thread ends the process when the launcher dies, so
-    that no process outlives it.
+    that no process outlives it; an uncaught exception ends it at once (with
+    status 1, after its traceback) rather than in ``jax.distributed``'s
+    shutdown, which would wait for the other processes.
 
     Args:
       timeout: seconds to wait for every process to join.
@@ -338,6 +340,7 @@ def initialize(*, timeout: int = 120) -> tuple[int, int]:
         threading.Thread(
             target=_exit_with, args=(int(os.environ[LAUNCHER_PID]),), daemon=True
         ).start()
+    sys.excepthook = _exit_at_once(sys.excepthook)
     jax.distributed.initialize(
         os.environ[COORDINATOR],
         num_processes=n,
@@ -345,6 +348,20 @@ def initialize(*, timeout: int = 120) -> tuple[int, int]:
         initialization_timeout=timeout,
     )
     return rank, n
+
+
+def _exit_at_once(excepthook):
+    """``excepthook``, then exit: without waiting at exit for the other
+    processes (``jax.distributed``'s shutdown barrier), so that the launcher
+    sees the failure now and stops them."""
+
+    def hook(*exc_info):
+        excepthook(*exc_info)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    return hook
 
 
 def _exit_with(launcher_pid):
