@@ -10,6 +10,7 @@ every process is stopped and the test fails with the processes' output.
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -194,15 +195,34 @@ def test_two_processes_bad_input_raises_a_clear_error(equality_run):
 
 
 def _recipe(path):
-    """docs/multihost.md's training script, written to ``path``."""
-    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "multihost.md"
+    """docs/multihost.md's training script, written to ``path``, and its command."""
+    page = (
+        pathlib.Path(__file__).resolve().parents[1] / "docs" / "multihost.md"
+    ).read_text()
     (code,) = [
         block
-        for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+        for block in re.findall(r"```python\n(.*?)```", page, re.S)
         if "initialize()" in block
     ]
     path.write_text(code)
-    return path
+    (command,) = re.findall(r"```bash\n(python -m samx\.runtime\.launch .*)\n```", page)
+    return command
+
+
+def _run_command(command, cwd):
+    """The page's shell command, here: each rank's output lines."""
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    out = subprocess.run(
+        [sys.executable, *argv[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    return [[x[4:] for x in lines if x.startswith(f"[{r}] ")] for r in range(PROCESSES)]
 
 
 def _lines(outputs, prefix):
@@ -211,9 +231,13 @@ def _lines(outputs, prefix):
 
 
 def test_the_recipe_killed_and_resumed_ends_bit_identical(tmp_path):
-    script = _recipe(tmp_path / "train.py")
-    straight = _launch(tmp_path, script, tmp_path / "straight", 12)
+    # Uninterrupted, with the page's command (its directory made ours) ...
+    command = _recipe(tmp_path / "train.py")
+    assert " train.py /tmp/run 12" in command, command
+    straight = _run_command(command.replace("/tmp/run", str(tmp_path / "a")), tmp_path)
     assert _lines(straight, "resuming") == ["resuming at step 0"] * PROCESSES
+    # ... then killed and resumed, with the Python API.
+    script = tmp_path / "train.py"
 
     def kill_rank_1(rank, line, process):
         if rank == 1 and line.startswith("step 8:"):
