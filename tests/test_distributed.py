@@ -328,6 +328,41 @@ def test_an_exception_in_one_process_stops_the_run_at_once():
     _assert_gone(_pids(e.value.outputs))
 
 
+def test_processes_end_when_their_launcher_dies():
+    # E.g. CI killing pytest: the processes notice and end themselves.
+    child = (
+        "import os, time\n"
+        "from samx.runtime.launch import initialize\n"
+        "initialize()\n"
+        "print('ready', os.getpid(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from samx.runtime.launch import launch;"
+            " launch(['-c', sys.argv[1]], 2, cpu_devices=1, timeout=300)",
+            child,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = []
+        for line in launcher.stdout:
+            if re.match(r"\[\d\] ready \d+$", line):
+                pids.append(int(line.split()[-1]))
+            if len(pids) == PROCESSES:
+                break
+        launcher.kill()
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert len(pids) == PROCESSES
+    _assert_gone(pids)
+
+
 def test_the_command_line_launcher(tmp_path):
     script = tmp_path / "hello.py"
     script.write_text(

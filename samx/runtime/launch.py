@@ -337,9 +337,7 @@ def initialize(*, timeout: int = 120) -> tuple[int, int]:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     rank, n = int(os.environ[PROCESS_ID]), int(os.environ[NUM_PROCESSES])
     if os.environ.get(LAUNCHER_PID):
-        threading.Thread(
-            target=_exit_with, args=(int(os.environ[LAUNCHER_PID]),), daemon=True
-        ).start()
+        threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     sys.excepthook = _exit_at_once(sys.excepthook)
     jax.distributed.initialize(
         os.environ[COORDINATOR],
@@ -364,9 +362,9 @@ def _exit_at_once(excepthook):
     return hook
 
 
-def _exit_with(launcher_pid):
-    """Ends this process once its parent, the launcher, is gone."""
-    while os.getppid() == launcher_pid:
+def _exit_with(parent):
+    """Ends this process once ``parent`` (the launcher) is gone."""
+    while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(70)
 
