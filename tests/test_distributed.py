@@ -23,7 +23,7 @@ import pytest
 from _testing import (
     async_sam_reference,
     m_sharpness_reference,
-    mlp_problem,
+    mlp_loss,
     pure_step,
 )
 
@@ -36,13 +36,24 @@ BATCH, STEPS = 16, 6  # global batch: 8 examples per process, 4 per device
 TIMEOUT = 180  # s, per launch; each takes far less on an idle 2-core machine
 
 
-def _problem(steps):
-    params, loss, sample = mlp_problem(jax.random.key(0), batch=BATCH)
+def _problem(steps, sizes=(8, 16, 4)):
+    """_testing's MLP problem, drawn with NumPy (no compilation here)."""
+    rng = np.random.default_rng(0)
+    params = {
+        f"layer{i}": {
+            "w": (rng.normal(size=(m, n)) / np.sqrt(m)).astype(np.float32),
+            "b": np.zeros(n, np.float32),
+        }
+        for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    }
     batches = [
-        jax.tree.map(np.asarray, sample(k))
-        for k in jax.random.split(jax.random.key(1), steps)
+        {
+            "x": rng.normal(size=(BATCH, sizes[0])).astype(np.float32),
+            "y": rng.normal(size=(BATCH, sizes[-1])).astype(np.float32),
+        }
+        for _ in range(steps)
     ]
-    return jax.tree.map(np.asarray, params), loss, batches
+    return params, mlp_loss, batches
 
 
 def _write(path, params, batches):
