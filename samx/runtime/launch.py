@@ -40,13 +40,15 @@ class LaunchError(RuntimeError):
       returncodes: each rank's exit status (negative: killed by that signal).
       outputs: each rank's output lines (stdout and stderr together).
       timed_out: whether the run outlived its timeout.
+      failed: the rank whose failure stopped the run; None on a timeout.
     """
 
-    def __init__(self, message, returncodes, outputs, timed_out):
+    def __init__(self, message, returncodes, outputs, timed_out, failed):
         super().__init__(message)
         self.returncodes = returncodes
         self.outputs = outputs
         self.timed_out = timed_out
+        self.failed = failed
 
 
 def free_port() -> int:
@@ -225,6 +227,7 @@ def launch(
         codes,
         outputs,
         timed_out,
+        failed,
     )
 
 
@@ -396,7 +399,7 @@ def main(args: Sequence[str] | None = None) -> int:
         print(e, file=sys.stderr)
         if e.timed_out:
             return 124
-        code = next((c for c in e.returncodes if c), 1)
+        code = e.returncodes[e.failed]
         return 128 - code if code < 0 else code  # a signal, as a shell reports it
     return 0
 
