@@ -286,6 +286,20 @@ def test_launcher_stops_every_process_when_one_fails():
     _assert_gone(_pids(e.value.outputs))
 
 
+def test_launcher_stops_every_process_when_on_output_raises():
+    code = "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(600)\n"
+    pids = []
+
+    def broken(rank, line, process):
+        pids.append(process.pid)
+        raise KeyError("a bug in the hook")
+
+    with pytest.raises(RuntimeError, match=r"`on_output` raised") as e:
+        launch(["-c", code], 2, timeout=60, echo=False, on_output=broken)
+    assert isinstance(e.value.__cause__, KeyError)
+    _assert_gone(pids)
+
+
 def test_launcher_times_out_and_stops_the_grandchildren_too():
     # Each process starts a child of its own, which must go too.
     code = (
