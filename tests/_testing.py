@@ -56,6 +56,17 @@ def rosenbrock(dtype=jnp.float32):
     return start, target, objective
 
 
+def mlp_loss(params, batch):
+    """The mean squared error of :func:`mlp_problem`'s MLP (tanh between layers)."""
+    h, layers = batch["x"], len(params)
+    for i in range(layers):
+        layer = params[f"layer{i}"]
+        h = h @ layer["w"] + layer["b"][None, :]
+        if i < layers - 1:
+            h = jnp.tanh(h)
+    return jnp.mean(jnp.square(h - batch["y"]))
+
+
 def mlp_problem(key, sizes=(8, 16, 4), batch=32):
     """A small MLP regression: params, a loss and a batch sampler."""
     keys = jax.random.split(key, len(sizes))
@@ -67,15 +78,6 @@ def mlp_problem(key, sizes=(8, 16, 4), batch=32):
         for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
     }
 
-    def loss(params, batch):
-        h = batch["x"]
-        for i in range(len(sizes) - 1):
-            layer = params[f"layer{i}"]
-            h = h @ layer["w"] + layer["b"][None, :]
-            if i < len(sizes) - 2:
-                h = jnp.tanh(h)
-        return jnp.mean(jnp.square(h - batch["y"]))
-
     def sample(key):
         kx, ky = jax.random.split(key)
         return {
@@ -83,7 +85,7 @@ def mlp_problem(key, sizes=(8, 16, 4), batch=32):
             "y": jax.random.normal(ky, (batch, sizes[-1])),
         }
 
-    return params, loss, sample
+    return params, mlp_loss, sample
 
 
 def pure_step(tx, method, loss, ascent, pairing="paired"):
@@ -187,5 +189,42 @@ def samx_trajectory(tx, params, loss, batches, *, previous_for_0=False):
     state, out = tx.init(params), []
     for t, batch in enumerate(batches):
         params, state = step(params, state, batches[max(t - 1, 0)], batch)
+        out.append(params)
+    return out
+
+
+def m_sharpness_reference(params, loss, batches, rho, n, eps=1e-12):
+    """SAM's m-sharpness on one device, without samx: the trajectory.
+
+    For each of the ``n`` equal shards k of a batch: ``e_k = rho g_k /
+    ||g_k||``, ``d_k = grad L_k(x + e_k)``; optax's sgd (0.1, momentum 0.9) on
+    the mean of the ``d_k``.
+    """
+    grad = jax.grad(loss)
+    base = optax.sgd(0.1, momentum=0.9)
+    state, out = base.init(params), []
+
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
+
+    @jax.jit
+    def descent(params, batch):
+        size = jax.tree.leaves(batch)[0].shape[0]
+        ds = []
+        for k in range(n):
+            shard = jax.tree.map(
+                lambda x, k=k: x[k * size // n : (k + 1) * size // n], batch
+            )
+            g = grad(params, shard)
+            scale = rho / (norm(g) + eps)
+            ds.append(
+                grad(jax.tree.map(lambda p, x, s=scale: p + s * x, params, g), shard)
+            )
+        return jax.tree.map(lambda *x: sum(x) / n, *ds)
+
+    for batch in batches:
+        d = descent(params, batch)
+        updates, state = base.update(d, state, params)
+        params = optax.apply_updates(params, updates)
         out.append(params)
     return out

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _testing import mlp_problem, pure_step
+from _testing import m_sharpness_reference, mlp_problem, pure_step
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -263,43 +263,11 @@ def test_trainer_mesh_bad_input():
 # --- 3. m-sharpness ---------------------------------------------------------------
 
 
-def _m_sharpness_reference(params, loss, batches, rho, n, eps=1e-12):
-    """For each shard k: e_k = rho g_k/||g_k||, d_k = grad L_k(x + e_k); SGD on
-    the mean of the d_k, with optax's sgd (momentum 0.9), all on one device."""
-    grad = jax.grad(loss)
-    base = optax.sgd(0.1, momentum=0.9)
-    state, out = base.init(params), []
-
-    def norm(tree):
-        return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
-
-    @jax.jit
-    def descent(params, batch):
-        ds = []
-        for k in range(n):
-            shard = jax.tree.map(
-                lambda x, k=k: x[k * BATCH // n : (k + 1) * BATCH // n], batch
-            )
-            g = grad(params, shard)
-            scale = rho / (norm(g) + eps)
-            ds.append(
-                grad(jax.tree.map(lambda p, x, s=scale: p + s * x, params, g), shard)
-            )
-        return jax.tree.map(lambda *x: sum(x) / n, *ds)
-
-    for batch in batches:
-        d = descent(params, batch)
-        updates, state = base.update(d, state, params)
-        params = optax.apply_updates(params, updates)
-        out.append(params)
-    return out
-
-
 def test_m_sharpness_equals_the_per_shard_reference():
     params, loss, batches = _problem()
     tx = TRANSFORMS["sam"]()
     step = make_data_parallel_step(tx, loss, MESH, m_sharpness=True)
-    expected = _m_sharpness_reference(params, loss, batches, 0.05, n=8)
+    expected = m_sharpness_reference(params, loss, batches, 0.05, n=8)
     every = NamedSharding(MESH, P())
     p = jax.device_put(params, every)
     s = jax.device_put(tx.init(p), every)
@@ -347,46 +315,3 @@ def test_data_parallel_step_bad_input():
         make_data_parallel_step(tx, loss, DEVICES)
     with pytest.raises(TypeError, match=r"optax transform"):
         make_data_parallel_step(optax.sgd, loss, MESH)
-
-
-# --- 4. two emulated hosts: per-host ascent, averaged -----------------------------
-
-
-def test_two_hosts_ascent_averaged_equals_the_global_ascent_gradient():
-    # Host h owns devices 4h..4h+3, and computes AsyncSAM's ascent gradient on
-    # its local half of the ascent batch on its own "CPU" (device 4h). Each
-    # host puts its gradient on its local devices, as one row of a global
-    # (host, ...) array; a jitted mean over the hosts gives the ascent gradient
-    # of the whole ascent batch (equal-sized shards).
-    params, loss, batches = _problem(1)
-    ascent_batch = jax.tree.map(lambda x: x[:ASCENT], batches[0])
-    mesh = Mesh(np.array(DEVICES).reshape(2, 4), ("host", "data"))
-    grad = jax.jit(jax.grad(loss))
-    rows = []
-    for h in range(2):
-        cpu = DEVICES[4 * h]
-        local = jax.tree.map(
-            lambda x, h=h: x[h * ASCENT // 2 : (h + 1) * ASCENT // 2], ascent_batch
-        )
-        rows.append(grad(jax.device_put(params, cpu), jax.device_put(local, cpu)))
-
-    def assemble(*per_host):
-        shape = (2, *per_host[0].shape)
-        pieces = [
-            jax.device_put(per_host[h][None], d)
-            for h in range(2)
-            for d in mesh.devices[h]
-        ]
-        return jax.make_array_from_single_device_arrays(
-            shape, NamedSharding(mesh, P("host")), pieces
-        )
-
-    with jax.transfer_guard("disallow"):
-        stacked = jax.tree.map(assemble, *rows)
-        averaged = jax.jit(
-            lambda t: jax.tree.map(lambda x: x.mean(0), t),
-            out_shardings=NamedSharding(mesh, P()),
-        )(stacked)
-    _assert_close(averaged, jax.grad(loss)(params, ascent_batch))
-    for x in jax.tree.leaves(averaged):
-        assert _same_sharding(x, NamedSharding(mesh, P()))

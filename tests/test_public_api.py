@@ -19,7 +19,8 @@ def test_all_is_sorted_and_importable():
 
 
 @pytest.mark.parametrize(
-    "module", ["samx", "samx.diagnostics", "samx.runtime", "samx.flax"]
+    "module",
+    ["samx", "samx.diagnostics", "samx.runtime", "samx.flax", "samx.runtime.launch"],
 )
 def test_public_callables_have_documented_examples(module):
     mod = importlib.import_module(module)

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 import samx
 import samx.flax
+import samx.runtime.launch
 from samx import runtime
 
 SAMX_DIR = pathlib.Path(samx.__file__).resolve().parent
@@ -2428,6 +2429,125 @@ ALL_BUT_BIASES_CASES = [
 ]
 
 
+# -- the local multi-process launcher ----------------------------------------------
+
+_LAUNCH = samx.runtime.launch.launch
+_L = r"`samx\.runtime\.launch\.launch"
+
+LAUNCH_CASES = [
+    _case(
+        "argv-a-string",
+        _LAUNCH,
+        ("train.py",),
+        {"timeout": 9},
+        TypeError,
+        _L + r"\(argv=\.\.\.\)` must be a non-empty list of strings",
+    ),
+    _case(
+        "argv-empty",
+        _LAUNCH,
+        ([],),
+        {"timeout": 9},
+        TypeError,
+        _L + r"\(argv=\.\.\.\)` must be a non-empty list of strings.*got \[\]",
+    ),
+    _case(
+        "argv-with-a-number",
+        _LAUNCH,
+        (["t.py", 3],),
+        {"timeout": 9},
+        TypeError,
+        _L + r"\(argv=\.\.\.\)`.*\['train\.py'",
+    ),
+    _case(
+        "num-processes-0",
+        _LAUNCH,
+        (["t.py"], 0),
+        {"timeout": 9},
+        ValueError,
+        _L + r"\(num_processes=\.\.\.\)` must be an int >= 1, got 0",
+    ),
+    _case(
+        "num-processes-float",
+        _LAUNCH,
+        (["t.py"], 2.0),
+        {"timeout": 9},
+        ValueError,
+        _L + r"\(num_processes=\.\.\.\)` must be an int >= 1",
+    ),
+    _case(
+        "timeout-0",
+        _LAUNCH,
+        (["t.py"],),
+        {"timeout": 0},
+        ValueError,
+        _L + r"\(timeout=\.\.\.\)` must be a number of seconds > 0, got 0",
+    ),
+    _case(
+        "timeout-none",
+        _LAUNCH,
+        (["t.py"],),
+        {"timeout": None},
+        ValueError,
+        _L + r"\(timeout=\.\.\.\)` must be a number of seconds",
+    ),
+    _case(
+        "cpu-devices-0",
+        _LAUNCH,
+        (["t.py"],),
+        {"timeout": 9, "cpu_devices": 0},
+        ValueError,
+        _L + r"\(cpu_devices=\.\.\.\)` must be an int >= 1",
+    ),
+    _case(
+        "grace-negative",
+        _LAUNCH,
+        (["t.py"],),
+        {"timeout": 9, "grace": -1},
+        ValueError,
+        _L + r"\(grace=\.\.\.\)` must be a number of seconds > 0",
+    ),
+    _case(
+        "on-output-not-callable",
+        _LAUNCH,
+        (["t.py"],),
+        {"timeout": 9, "on_output": "print"},
+        TypeError,
+        _L + r"\(on_output=\.\.\.\)` must be callable",
+    ),
+    _case(
+        "env-not-strings",
+        _LAUNCH,
+        (["t.py"],),
+        {"timeout": 9, "env": {"A": 1}},
+        TypeError,
+        _L + r"\(env=\.\.\.\)` must be a dict of strings",
+    ),
+]
+
+_INIT = r"`samx\.runtime\.launch\.initialize"
+
+INITIALIZE_CASES = [
+    _case(
+        "outside-the-launcher",
+        samx.runtime.launch.initialize,
+        (),
+        {},
+        RuntimeError,
+        _INIT + r"\(\)` reads SAMX_COORDINATOR_ADDRESS.*python -m"
+        r" samx\.runtime\.launch -n N",
+    ),
+    _case(
+        "timeout-0",
+        samx.runtime.launch.initialize,
+        (),
+        {"timeout": 0},
+        ValueError,
+        _INIT + r"\(timeout=\.\.\.\)` must be an int >= 1, got 0",
+    ),
+]
+
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
     *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
@@ -2454,6 +2574,8 @@ CASES = [
     *_prefixed("apply_gradients", APPLY_GRADIENTS_CASES),
     *_prefixed("TrainState", TRAIN_STATE_CASES),
     *_prefixed("DescentGradFn", DESCENT_GRAD_FN_CASES),
+    *_prefixed("launch", LAUNCH_CASES),
+    *_prefixed("initialize", INITIALIZE_CASES),
 ]
 
 
@@ -2470,7 +2592,7 @@ def test_bad_input_raises_a_clear_error_at_the_api(case):
 # Public functions added at the same time as this table, their cases still to
 # be written; a name leaves the set once it has cases. Keep it empty.
 NOT_COVERED_YET: set[str] = set()
-MODULES = (samx, samx.diagnostics, runtime, samx.flax)
+MODULES = (samx, samx.diagnostics, runtime, samx.flax, samx.runtime.launch)
 
 
 def _public_functions():
@@ -2483,8 +2605,8 @@ def _public_functions():
         and not isinstance(getattr(module, n), type(samx))  # not a module
         and not (
             isinstance(getattr(module, n), type)
-            and issubclass(getattr(module, n), tuple)  # states and results
-        )
+            and issubclass(getattr(module, n), (tuple, Exception))
+        )  # states, results and exceptions
     }
 
 

@@ -1,7 +1,8 @@
 """The runtime: samx's two gradients placed on two devices, data parallel on a mesh.
 
 Imports the pure transforms, never the other way round: ``import samx`` does
-not load this module.
+not load this module. ``samx.runtime.launch``, the launcher for several local
+processes under ``jax.distributed``, is a module of its own, loaded on demand.
 """
 
 from samx.runtime._calibrate import AscentBatchCalibration as AscentBatchCalibration

@@ -88,8 +88,9 @@ def calibrate_ascent_batch(
       loss_fn: as for :class:`samx.runtime.Trainer`.
       params: the parameters.
       batch: a batch of the size the training uses.
-      fast_device: the descent device; default ``jax.devices()[0]``.
-      slow_device: the ascent device; default ``jax.devices("cpu")[0]``.
+      fast_device: the descent device; default ``jax.local_devices()[0]``.
+      slow_device: the ascent device; default this process's first CPU device,
+        ``jax.local_devices(backend="cpu")[0]``.
       model_state: the model state, with ``has_state=True``.
       has_state: as for :class:`samx.runtime.Trainer`.
       repeats: timed runs per measurement, ``>= 1``.
@@ -135,12 +136,12 @@ def calibrate_ascent_batch(
             " `model_state=...`, the model state `loss_fn` takes."
         )
     fast = (
-        jax.devices()[0]
+        jax.local_devices()[0]
         if fast_device is None
         else _devices.resolve("fast_device", fast_device)
     )
     slow = (
-        jax.devices("cpu")[0]
+        jax.local_devices(backend="cpu")[0]
         if slow_device is None
         else _devices.resolve("slow_device", slow_device)
     )

@@ -5,7 +5,7 @@ from typing import Any
 import jax
 
 from samx import _plan
-from samx.runtime._trainer import Trainer, TrainerState, check_batch_divides
+from samx.runtime._trainer import Trainer, TrainerState
 
 
 def abstract_state(
@@ -34,7 +34,9 @@ def abstract_state(
         initialisation), as for :meth:`Trainer.init`.
       model_state: the model's state, as for :meth:`Trainer.init`
         (required with ``has_state=True``).
-      batch: a batch of the shapes the training loop feeds (any values);
+      batch: a batch of the shapes the training loop feeds (any values; under
+        ``jax.distributed``, this process's part, as :meth:`Trainer.step`
+        takes it);
         required for AsyncSAM and SAMPa (paired), ignored for the other
         methods. To restore such a state saved before its first step, replace
         ``prev_batch`` of the result with None.
@@ -80,11 +82,8 @@ def abstract_state(
                 " feeds."
             )
         fn = "samx.runtime.abstract_state"
-        if trainer.mesh is None:
-            _plan.check_batch(fn, "batch", batch)
-        else:
-            check_batch_divides(fn, batch, trainer.mesh, trainer.batch_axis)
-        state = state._replace(prev_batch=trainer._put(batch, trainer._batch_place))
+        trainer._check_batch(fn, batch)
+        state = state._replace(prev_batch=trainer._put_batch(fn, batch))
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )

@@ -6,23 +6,35 @@ import jax
 
 
 def available() -> list[str]:
-    """Every device JAX can see, as ``platform:index`` strings."""
+    """This process's devices, as ``platform:index`` strings."""
     names = []
     for backend in ("cpu", "gpu", "tpu"):
         try:
-            names += [f"{d.platform}:{i}" for i, d in enumerate(jax.devices(backend))]
+            names += [
+                f"{d.platform}:{i}"
+                for i, d in enumerate(jax.local_devices(backend=backend))
+            ]
         except RuntimeError:  # the backend is not present
             pass
     return names
 
 
 def resolve(arg: str, device: Any) -> jax.Device:
-    """A ``jax.Device`` from a device, ``"cpu"``, ``"gpu:1"`` and the like.
+    """A ``jax.Device`` of this process from a device, ``"cpu"``, ``"gpu:1"``...
+
+    ``"cpu:1"`` is this process's second CPU device (under ``jax.distributed``
+    the processes' devices are numbered apart).
 
     Raises:
       ValueError: naming ``arg`` and listing the available devices.
     """
     if isinstance(device, jax.Device):
+        if device.process_index != jax.process_index():
+            raise ValueError(
+                f"`{arg}={device!r}` is a device of process {device.process_index},"
+                f" not of this one ({jax.process_index()}); available here:"
+                f" {', '.join(available())}."
+            )
         return device
     if isinstance(device, str):
         platform, colon, index = device.partition(":")
@@ -30,7 +42,7 @@ def resolve(arg: str, device: Any) -> jax.Device:
         # silently pick some device.
         if platform and (index.isdecimal() or not colon):
             try:
-                devices = jax.devices(platform)
+                devices = jax.local_devices(backend=platform)
                 return devices[int(index) if colon else 0]
             except (RuntimeError, ValueError, IndexError):
                 pass
@@ -41,8 +53,8 @@ def resolve(arg: str, device: Any) -> jax.Device:
 
 
 def second_accelerator() -> jax.Device | None:
-    """The default backend's second device, if it is an accelerator."""
-    devices = jax.devices()
+    """This process's second device, if it is an accelerator."""
+    devices = jax.local_devices()
     if len(devices) > 1 and devices[1].platform != "cpu":
         return devices[1]
     return None

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from samx import _checks
 from samx._perturb import f32_global_norm
 from samx._plan import evaluation_plan
+from samx.runtime._processes import put_batch
 from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
 
 
@@ -124,6 +125,11 @@ def make_data_parallel_step(
       replicated in and out; the replication is checked by ``shard_map``).
       This is exact for ``samx.sam`` (ASAM included) only: AsyncSAM and SAMPa
       store a gradient in their state, which would become per-device.
+
+    On a mesh that spans several processes (``jax.distributed``), each
+    process passes its own part of the global batch (the global batch is their
+    concatenation in process order) and the same ``params`` and
+    ``opt_state``; m-sharpness then perturbs per device across all processes.
 
     Supported transforms: ``samx.sam`` and plain optax transforms (global
     step; m-sharpness for ``samx.sam`` only). For ``samx.async_sam`` and
@@ -252,7 +258,7 @@ def make_data_parallel_step(
                     " `samx.runtime.Trainer(tx, loss_fn, descent_device=mesh)`."
                 )
             checked.append(method)
-        batch = jax.device_put(batch, in_batch)
+        batch = put_batch(fn, batch, in_batch)
         if m_sharpness:
             params, opt_state = jax.device_put((params, opt_state), every)
             return jitted(params, opt_state, batch)

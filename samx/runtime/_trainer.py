@@ -11,6 +11,7 @@ then split along one mesh axis and the state replicated.
 """
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from samx import _chain, _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import method_of as method_of
-from samx.runtime import _devices
+from samx.runtime import _devices, _processes
 
 
 def value_and_grad(loss_fn: Callable[..., Any], has_state: bool) -> Callable:
@@ -77,13 +78,22 @@ def check_mesh(fn: str, arg: str, mesh: Any, axis: str) -> Mesh:
 def check_batch_divides(
     fn: str, batch: Any, mesh: Mesh, axis: str, name: str = "batch"
 ) -> int:
-    """The batch size, if the mesh's ``axis`` divides it; a clear error if not."""
+    """The batch size, if the mesh's ``axis`` divides it; a clear error if not.
+
+    On a mesh that spans several processes, ``batch`` is this process's part
+    and must divide among this process's positions along ``axis``.
+    """
     size = _plan.check_batch(fn, name, batch)
-    n = mesh.shape[axis]
+    if mesh.is_multi_process:
+        n = _processes.local_rows(mesh, axis)
+        what = f"process-local batch size {size}", f"this process's {n}"
+    else:
+        n = mesh.shape[axis]
+        what = f"batch size {size}", f"the {n}"
     if size % n:
         raise ValueError(
-            f"`{fn}({name}=...)`: the batch size {size} is not divisible by the"
-            f" {n} devices of the mesh axis {axis!r}; use a batch size that is a"
+            f"`{fn}({name}=...)`: the {what[0]} is not divisible by {what[1]}"
+            f" devices of the mesh axis {axis!r}; use a batch size that is a"
             f" multiple of {n}."
         )
     return size
@@ -150,6 +160,23 @@ class Trainer:
     on the mesh unless ``ascent_device`` is given. The batch size must be a
     multiple of the mesh's ``batch_axis`` size.
 
+    **Several processes** (``jax.distributed``, one mesh over every process's
+    devices). Every process runs the same loop and passes its own part of
+    each global batch to :meth:`step` (NumPy arrays; the global batch is
+    their concatenation in process order, made with
+    ``jax.make_array_from_process_local_data``), and the trajectory is the
+    one-process trajectory on the global batch. AsyncSAM's ascent runs on
+    each process's own host CPU (``ascent_device``, default this process's
+    first CPU device) over the first ``ascent_batch_size`` examples *of its
+    local batch*, and the descent step averages the processes' ascent
+    gradients: with P processes the ascent gradient is the one of those P x
+    ``ascent_batch_size`` examples (the whole global batch when
+    ``ascent_batch_size`` is None or the local batch size), and every process
+    must use the same ``ascent_batch_size``. ``metrics["ascent_grad_norm"]``
+    is then the norm of this process's own ascent gradient. SAMPa runs both
+    gradients on the mesh (no ``ascent_device``); the previous batch it keeps
+    is a global array of which each process holds its own part.
+
     Args:
       tx: the transform, e.g. ``samx.async_sam(optax.sgd(0.1), rho=0.05)``,
         alone or inside an ``optax.chain``.
@@ -160,13 +187,15 @@ class Trainer:
         SAMPa the pass at the perturbed point); the other pass's is dropped.
       descent_device: a ``jax.Device``, a name such as ``"gpu"``, ``"cpu:1"``,
         or a ``jax.sharding.Mesh`` (data parallel, see above); default
-        ``jax.devices()[0]``.
-      ascent_device: where the second gradient runs, a single device. Default:
-        for AsyncSAM ``jax.devices("cpu")[0]``; for SAMPa a second accelerator
+        ``jax.local_devices()[0]``.
+      ascent_device: where the second gradient runs, a single device of this
+        process. Default: for AsyncSAM ``jax.local_devices(backend="cpu")[0]``
+        (the host CPU); for SAMPa a second accelerator
         when there is one and ``descent_device`` is not a mesh, else the
         descent device (both gradients fused).
       ascent_batch_size: AsyncSAM's ascent batch b' (the first b' examples of
-        each batch); default the whole batch. See
+        each batch that :meth:`step` is given: under ``jax.distributed``, of
+        each process's local batch); default the whole batch. See
         :func:`samx.runtime.calibrate_ascent_batch`.
       has_state: whether ``loss_fn`` takes and returns a model state.
       sampa_vmap: SAMPa on one device: compute its two gradients in one
@@ -271,7 +300,7 @@ class Trainer:
                     f" `jax.sharding.Mesh`, got {descent_device!r}."
                 )
             self.descent_device = (
-                jax.devices()[0]
+                jax.local_devices()[0]
                 if descent_device is None
                 else _devices.resolve("descent_device", descent_device)
             )
@@ -282,6 +311,9 @@ class Trainer:
             if ascent_device is None
             else _devices.resolve("ascent_device", ascent_device)
         )
+        # A mesh over several processes: each feeds its part of the batch, and
+        # AsyncSAM's ascent gradients, one per process, are averaged.
+        self._multiprocess = self.mesh is not None and self.mesh.is_multi_process
         self._compiled: dict[str, Callable] = {}
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
@@ -304,13 +336,47 @@ class Trainer:
         if self._ascent_arg is not None:
             return self._ascent_arg
         if plan.ascent_placement == "host":
-            return jax.devices("cpu")[0]
+            return jax.local_devices(backend="cpu")[0]
         if plan.ascent_placement == "peer" and self.mesh is None:
             return _devices.second_accelerator() or self.descent_device
         return self.descent_device
 
     def _put(self, tree, device):
         return jax.device_put(tree, device)
+
+    def _check_batch(self, fn: str, batch: Any, name: str = "batch") -> int:
+        """The size of ``batch`` (this process's part); a clear error if bad."""
+        if self.mesh is None:
+            return _plan.check_batch(fn, name, batch)
+        return check_batch_divides(fn, batch, self.mesh, self.batch_axis, name)
+
+    def _put_batch(self, fn: str, batch: Any) -> Any:
+        """``batch`` where the descent side reads it (split on a mesh)."""
+        return _processes.put_batch(fn, batch, self._batch_place)
+
+    def _check_processes(self, plan: _plan.EvaluationPlan) -> None:
+        """On a mesh over several processes: only a local ascent leaves the mesh."""
+        ascent = self.ascent_device_for(plan)
+        if not plan.parallel or ascent == self.descent_device:
+            return
+        for e in plan.on(_plan.ASCENT_DEVICE):
+            if e.batch != _plan.ASCENT:
+                raise ValueError(
+                    f"`Trainer(ascent_device={self._ascent_arg!r})`: on a mesh that"
+                    f" spans several processes, {plan.method}'s gradient {e.index}"
+                    f" sees the {e.batch} global batch, which no single device"
+                    " holds; leave `ascent_device` None (both gradients on the"
+                    " mesh)."
+                )
+        from jax.experimental import multihost_utils
+
+        try:  # once, at init: the averaged ascent gradient needs equal shares
+            multihost_utils.assert_equal(np.int32(self.ascent_batch_size or 0))
+        except AssertionError:
+            raise ValueError(
+                f"`Trainer(ascent_batch_size={self.ascent_batch_size})` differs"
+                " between the processes; every process must use the same."
+            ) from None
 
     # -- public API --------------------------------------------------------------
 
@@ -331,6 +397,8 @@ class Trainer:
                 "`Trainer(ascent_batch_size=...)` is AsyncSAM's ascent batch;"
                 f" this transform is {plan.method!r}."
             )
+        if self._multiprocess:
+            self._check_processes(plan)
         state = TrainerState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -362,17 +430,14 @@ class Trainer:
                 f"`{fn}(state=...)` must be the TrainerState from `init` or"
                 f" the previous step, got {type(state).__name__}."
             )
-        if self.mesh is None:
-            size = _plan.check_batch(fn, "batch", batch)
-        else:
-            size = check_batch_divides(fn, batch, self.mesh, self.batch_axis)
+        size = self._check_batch(fn, batch)
         plan = self.plan(state.opt_state)
         if plan.uses(_plan.ASCENT) and (self.ascent_batch_size or 0) > size:
             raise ValueError(
                 f"`Trainer(ascent_batch_size={self.ascent_batch_size})` is larger"
                 f" than the batch ({size})."
             )
-        batch_d = self._put(batch, self._batch_place)
+        batch_d = self._put_batch(fn, batch)
         prev = state.prev_batch
         if prev is not None:
             _check_same_shapes(fn, plan, prev, batch_d, size)
@@ -460,8 +525,15 @@ class Trainer:
         """A parallel plan, its ascent role's evaluations on ``ascent_device``.
 
         Those are dispatched first, then the descent device's; the gradients
-        then meet on the descent device, where ``tx.update`` applies them.
+        then meet on the descent device, where ``tx.update`` applies them. On a
+        mesh over several processes, each process's ascent device is its own:
+        the replicated state is copied from this process's share, and the
+        ascent gradients meet as one row per process, averaged in ``_apply``.
         """
+        if self._multiprocess:
+            to_ascent = partial(_processes.local_copy, device=ascent_device)
+        else:
+            to_ascent = partial(self._put, device=ascent_device)
         ascent = []
         for e in plan.on(_plan.ASCENT_DEVICE):
             if e.index is None:
@@ -474,13 +546,17 @@ class Trainer:
                 examples = prev if e.batch == _plan.PREVIOUS else batch_d
             ascent.append(
                 self._one_jit("ascent", self._ascent_eval, on_descent=False)(
-                    self._put(point, ascent_device),
-                    self._put(state.model_state, ascent_device),
+                    to_ascent(point),
+                    to_ascent(state.model_state),
                     self._put(examples, ascent_device),
                 )
             )
         descent = self._one_jit("descent", self._descent)(state, prev, batch_d)
-        outputs = self._put(tuple(out for out, _ in ascent), self._state_place)
+        outputs = tuple(out for out, _ in ascent)
+        if self._multiprocess:
+            outputs = _processes.as_rows(outputs, self._batch_place)
+        else:
+            outputs = self._put(outputs, self._state_place)
         state, metrics = self._one_jit("apply", self._apply)(state, descent, outputs)
         # The ascent side's norm stays there: reading it waits for that device.
         for _, norm in ascent:
@@ -489,7 +565,10 @@ class Trainer:
 
     def _ascent_eval(self, point, model_state, batch):
         out = self._value_and_grad(point, model_state, batch)
-        return out, f32_global_norm(out[2])
+        norm = f32_global_norm(out[2])
+        if self._multiprocess:  # only the gradient travels, as this process's row
+            out = (None, None, jax.tree.map(lambda x: x[None], out[2]))
+        return out, norm
 
     def _points(self, state):
         return _plan.evaluation_points(
@@ -512,6 +591,8 @@ class Trainer:
         device role, in the plan's order.
         """
         plan = self._plan
+        if self._multiprocess:  # one row per process: the mean over processes
+            ascent = jax.tree.map(lambda x: x.mean(0), ascent)
         outputs = {
             e.index: out
             for role, outs in (

@@ -1,0 +1,65 @@
+"""A mesh that spans several processes (``jax.distributed``): what each one holds.
+
+In a multi-controller JAX program every process runs the same code and feeds
+its own part of each global batch. These helpers turn process-local data into
+global arrays, copy a replicated array to one of this process's devices, and
+lay out one value per process as rows of a global array, so that a jitted
+mean over the rows averages across processes.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+
+def local_rows(mesh: Mesh, axis: str) -> int:
+    """How many positions along ``axis`` this process's devices occupy."""
+    k = mesh.axis_names.index(axis)
+    me = jax.process_index()
+    rows = np.moveaxis(mesh.devices, k, 0).reshape(mesh.devices.shape[k], -1)
+    return sum(any(d.process_index == me for d in row) for row in rows)
+
+
+def put_batch(fn: str, batch: Any, sharding: Any) -> Any:
+    """``batch`` on ``sharding``; on a multi-process mesh, ``batch`` is this
+    process's part of the global batch (``make_array_from_process_local_data``).
+    """
+    if not (isinstance(sharding, NamedSharding) and sharding.mesh.is_multi_process):
+        return jax.device_put(batch, sharding)
+    for leaf in jax.tree.leaves(batch):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            raise ValueError(
+                f"`{fn}(batch=...)`: on a mesh that spans several processes, pass"
+                " this process's part of the batch (NumPy arrays, or arrays on"
+                " this process's devices), not a global array."
+            )
+    # An explicit transfer, as ``device_put`` is (JAX's guard counts this one
+    # as implicit).
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_process_local_data(sharding, batch)
+
+
+def local_copy(tree: Any, device: jax.Device) -> Any:
+    """A replicated global ``tree`` copied to ``device``, one of this process's."""
+    return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), device), tree)
+
+
+def as_rows(tree: Any, sharding: NamedSharding) -> Any:
+    """Each leaf ``x[None]`` (one per process) as a row of a global array.
+
+    ``sharding`` splits the leading axis along the batch axis of a mesh; this
+    process's value fills the rows its devices hold, so the mean over the rows
+    is the mean over processes (each holding the same number of rows).
+    """
+    devices = sharding.addressable_devices
+    n = sharding.mesh.shape[sharding.spec[0]]
+
+    def rows(x):
+        pieces = [jax.device_put(x, d) for d in devices]
+        return jax.make_array_from_single_device_arrays(
+            (n, *x.shape[1:]), sharding, pieces
+        )
+
+    return jax.tree.map(rows, tree)
