@@ -1789,6 +1789,7 @@ def _common_flax_cases(name, call, state_arg):
                 r" \(pairing='paired'\).*or pairing='unpaired'",
             )
             for method in ("async_sam", "sampa")
+            if name.endswith("_grads")  # the train steps keep the previous batch
         ],
         _case(
             "pairing-unknown",
@@ -2138,8 +2139,24 @@ def _linen_cases(name):
             rf"{fn}: with `has_aux=True`, `loss_fn` must return"
             r" `\(loss, \(new_batch_stats, aux\)\)`",
         ),
+        _case(  # a state with no `prev_batch` field cannot keep it
+            "prev_batch-missing-without-a-prev_batch-field",
+            call,
+            ("sampa",),
+            {
+                "swap": lambda s: _StatsOnlyState.create(
+                    apply_fn=s.apply_fn, params=s.params, tx=s.tx
+                )
+            },
+            ValueError,
+            rf"`{fn}\(prev_batch=\.\.\.\)` is required: samx\.sampa",
+        ),
     ]
     return [dataclasses.replace(c, id=f"{name}-{c.id}") for c in cases]
+
+
+class _StatsOnlyState(flax_train_state.TrainState):
+    batch_stats: Any = None
 
 
 def _make_linen_step(method="sam", batch=_FB, swap=None, make_kw=None, **kw):
