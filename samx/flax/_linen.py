@@ -476,11 +476,8 @@ def make_linen_train_step(
     ) -> tuple[Any, dict[str, Any]]:
         return step(state, batch, prev_batch=prev_batch, ascent_batch=ascent_batch)
 
-    def train_step(
-        state: Any, batch: Any, prev_batch: Any = None, ascent_batch: Any = None
-    ) -> tuple[Any, dict[str, Any]]:
-        state = _with_prev_batch(state, batch, pairing)
-        return jitted(state, batch, prev_batch, ascent_batch)
+    def train_step(state: Any, batch: Any, *args, **kwargs) -> Any:
+        return jitted(_with_prev_batch(state, batch, pairing), batch, *args, **kwargs)
 
     return train_step
 

@@ -426,15 +426,9 @@ def make_nnx_train_step(
             pairing=pairing,
         )
 
-    def step(
-        model: nnx.Module,
-        optimizer: nnx.Optimizer,
-        batch: Any,
-        prev_batch: Any = None,
-        ascent_batch: Any = None,
-    ) -> dict[str, Any]:
+    def step(model: Any, optimizer: Any, batch: Any, *args, **kwargs) -> Any:
         _add_prev_batch(optimizer, batch, pairing)
-        return jitted(model, optimizer, batch, prev_batch, ascent_batch)
+        return jitted(model, optimizer, batch, *args, **kwargs)
 
     return step
 
