@@ -121,14 +121,16 @@ def _run(method):
     """
     trainer = _trainer(method, _net())
     states = [trainer.state]
-    metrics = trainer.step(_batches()[0])
-    states.append(trainer.state)
-    with count_compilations() as compiled, jax.transfer_guard("disallow"):
-        for batch in _batches()[1:]:
-            metrics = trainer.step(batch)
-            states.append(trainer.state)
-            assert _devices(trainer.state.params) == {CPU0}
-        jax.block_until_ready(metrics)
+    first, *others = _batches()
+    with jax.transfer_guard("disallow"):
+        metrics = trainer.step(first)
+        states.append(trainer.state)
+        with count_compilations() as compiled:
+            for batch in others:
+                metrics = trainer.step(batch)
+                states.append(trainer.state)
+                assert _devices(trainer.state.params) == {CPU0}
+            jax.block_until_ready(metrics)
     return trainer, states, metrics, compiled
 
 
