@@ -273,9 +273,11 @@ def nnx_train_step(
     updates, as ``optimizer.prev_batch`` (an ``nnx.Variable``, absent before
     the first step, which uses ``batch`` itself): the batch belongs to that
     optimizer's run, so a copy made with ``nnx.clone`` (e.g. to compile before
-    a timed run) keeps its own, and ``nnx.state(optimizer)`` checkpoints it.
-    Its first call adds the variable, so a jitted step traces twice; the step
-    of :func:`make_nnx_train_step` adds it before compiling. ``prev_batch=``
+    a timed run) keeps its own, and ``nnx.state(optimizer)`` checkpoints it
+    (``nnx.state(optimizer, nnx.OptState)`` leaves it out; a target to restore
+    it into needs ``optimizer.prev_batch`` too, as after one step). Its first
+    call adds the variable, so a jitted step traces twice; the step of
+    :func:`make_nnx_train_step` adds it before compiling. ``prev_batch=``
     overrides it for one step.
 
     Args:
