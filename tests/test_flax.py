@@ -160,15 +160,15 @@ def _cases():
     ]
 
 
-def _prev_kwargs(method, pairing, batches, t):
-    """``prev_batch`` for the paired methods that keep one (the batch at t=0)."""
-    if method in ("async_sam", "sampa") and pairing == "paired":
-        return {"prev_batch": batches[max(t - 1, 0)]}
-    return {}
+def _warm_up_batch():
+    """A batch the run never sees: compiling on it must not leak into the run."""
+    return jax.tree.map(lambda x: x[::-1] + 1, _batches()[0])
 
 
 @pytest.mark.parametrize("method, pairing", _cases())
 def test_nnx_train_step_matches_reference_and_compiles_once(method, pairing):
+    # The step keeps the previous batch on the optimizer: the loop passes the
+    # current batch only, and compiling on copies first leaks nothing.
     batches = _batches()
     model = CNN(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, TRANSFORMS[method](), wrt=nnx.Param)
@@ -177,14 +177,12 @@ def test_nnx_train_step_matches_reference_and_compiles_once(method, pairing):
         ascent_batch_size=8 if method == "async_sam" else None,
         pairing=pairing,
     )
-
-    def kwargs(t):
-        return _prev_kwargs(method, pairing, batches, t)
-
-    metrics = step(model, optimizer, batches[0], **kwargs(0))
+    jax.block_until_ready(
+        step(nnx.clone(model), nnx.clone(optimizer), _warm_up_batch())
+    )
     with count_compilations() as compiled:
-        for t in range(1, STEPS):
-            metrics = step(model, optimizer, batches[t], **kwargs(t))
+        for batch in batches:
+            metrics = step(model, optimizer, batch)
         jax.block_until_ready(metrics)
     assert compiled == []
 
@@ -197,6 +195,8 @@ def test_nnx_train_step_matches_reference_and_compiles_once(method, pairing):
     _close(got_stats, want_stats)
     _close(metrics["loss"], want_loss)
     _differ(got_stats, stats)  # the statistics did move
+    paired = method in ("async_sam", "sampa") and pairing == "paired"
+    assert hasattr(optimizer, "prev_batch") == paired
     if method in ("async_sam", "sampa"):  # and the pairing matters
         other = "unpaired" if pairing == "paired" else "paired"
         _differ(
@@ -205,6 +205,22 @@ def test_nnx_train_step_matches_reference_and_compiles_once(method, pairing):
                 TRANSFORMS[method](), method, loss, params, stats, batches, other
             )[0],
         )
+
+
+def test_nnx_prev_batch_overrides_the_kept_batch():
+    # SAMPa (paired) told at every step that the previous batch is the current
+    # one: the unpaired run.
+    batches = _batches()[:3]
+    model = CNN(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, TRANSFORMS["sampa"](), wrt=nnx.Param)
+    step = samx.flax.make_nnx_train_step(nnx_loss)
+    for batch in batches:
+        step(model, optimizer, batch, prev_batch=batch)
+    loss, params, stats = nnx_pure()
+    want_params, want_stats, _ = reference_run(
+        TRANSFORMS["sampa"](), "sampa", loss, params, stats, batches, "unpaired"
+    )
+    _close(nnx_params_stats(model), (want_params, want_stats))
 
 
 def test_nnx_sam_step_keeps_descent_stats_only():
@@ -391,17 +407,15 @@ def test_linen_train_step_matches_reference_and_compiles_once(method, pairing):
         ascent_batch_size=8 if method == "async_sam" else None,
         pairing=pairing,
     )
-
-    def kwargs(t):
-        return _prev_kwargs(method, pairing, batches, t)
-
-    state, metrics = step(state, batches[0], **kwargs(0))
+    jax.block_until_ready(step(state, _warm_up_batch()))  # compiles; discarded
     with count_compilations() as compiled:
-        for t in range(1, STEPS):
-            state, metrics = step(state, batches[t], **kwargs(t))
+        for batch in batches:  # the state keeps the previous batch
+            state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
     assert compiled == []
     assert int(state.step) == STEPS
+    paired = method in ("async_sam", "sampa") and pairing == "paired"
+    assert (state.prev_batch is not None) == paired
 
     want_params, want_stats, want_loss = reference_run(
         TRANSFORMS[method](),

@@ -1822,6 +1822,7 @@ def _common_flax_cases(name, call, state_arg):
                 r" \(pairing='paired'\).*or pairing='unpaired'",
             )
             for method in ("async_sam", "sampa")
+            if name.endswith("_grads")  # the train steps keep the previous batch
         ],
         _case(
             "pairing-unknown",
@@ -2171,8 +2172,24 @@ def _linen_cases(name):
             rf"{fn}: with `has_aux=True`, `loss_fn` must return"
             r" `\(loss, \(new_batch_stats, aux\)\)`",
         ),
+        _case(  # a state with no `prev_batch` field cannot keep it
+            "prev_batch-missing-without-a-prev_batch-field",
+            call,
+            ("sampa",),
+            {
+                "swap": lambda s: _StatsOnlyState.create(
+                    apply_fn=s.apply_fn, params=s.params, tx=s.tx
+                )
+            },
+            ValueError,
+            rf"`{fn}\(prev_batch=\.\.\.\)` is required: samx\.sampa",
+        ),
     ]
     return [dataclasses.replace(c, id=f"{name}-{c.id}") for c in cases]
+
+
+class _StatsOnlyState(flax_train_state.TrainState):
+    batch_stats: Any = None
 
 
 def _make_linen_step(method="sam", batch=_FB, swap=None, make_kw=None, **kw):
@@ -2548,6 +2565,251 @@ INITIALIZE_CASES = [
 ]
 
 
+# -- samx.flax.Trainer -------------------------------------------------------------
+
+_FT = r"samx\.flax\.Trainer"
+
+
+def _flax_trainer(method="sam", model=None, loss_fn=_nnx_loss, **kwargs):
+    tx = FACTORIES[method](optax.sgd(0.1)) if method in FACTORIES else optax.sgd(0.1)
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0)) if model is None else model
+    return samx.flax.Trainer(model, tx, loss_fn, **kwargs)
+
+
+def _flax_trainer_step(method="sam", batch=_FB, **kwargs):
+    return _flax_trainer(method, **kwargs).step(batch)
+
+
+def _flax_trainer_set_state(state_of):
+    trainer = _flax_trainer()
+    trainer.state = state_of(trainer)
+
+
+def _abstract_linear():
+    return nnx.eval_shape(lambda: nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+
+
+def _runtime_style_loss(params, model_state, batch):
+    return _loss(params, batch), model_state
+
+
+FLAX_TRAINER_CASES = [
+    *[
+        _case(
+            f"flax-model-{what}",
+            _flax_trainer,
+            (),
+            {"model": model},
+            TypeError,
+            rf"`{_FT}\(model=\.\.\.\)` must be an `nnx\.Module`, got {got}",
+        )
+        for what, model, got in [
+            ("a-dict", {"w": jnp.ones(2)}, r"dict\.$"),
+            ("a-linen-module", nn.Dense(2), r"Dense\. For a linen model, use"),
+        ]
+    ],
+    _case(
+        "flax-loss_fn-not-callable",
+        _flax_trainer,
+        (),
+        {"loss_fn": "mse"},
+        TypeError,
+        rf"`{_FT}\(loss_fn=\.\.\.\)` must be callable, got str",
+    ),
+    *[
+        _case(
+            f"flax-loss_fn-{what}",
+            _flax_trainer,
+            (),
+            {"loss_fn": loss_fn},
+            TypeError,
+            rf"`{_FT}\(loss_fn=\.\.\.\)` must be callable as `loss_fn\(model,"
+            rf" batch\)`.*its signature is {_lit(signature)}",
+        )
+        for what, loss_fn, signature in [
+            (
+                "of-params-model_state-and-batch",
+                _runtime_style_loss,
+                "(params, model_state, batch)",
+            ),
+            ("of-one-argument", lambda model: 0.0, "(model)"),
+        ]
+    ],
+    _case(
+        "flax-loss-not-a-scalar",
+        _flax_trainer_step,
+        (),
+        {"loss_fn": _nnx_not_a_scalar},
+        ValueError,
+        rf"{_FT}\.step: `loss_fn` must return a scalar loss, got an array of shape"
+        r" \(4, 2\)",
+    ),
+    _case(
+        "flax-loss-a-pair-without-has_aux",
+        _flax_trainer_step,
+        ("async_sam",),
+        {"loss_fn": _nnx_pair},
+        ValueError,
+        rf"{_FT}\.step: `loss_fn` must return a scalar loss, got a tuple \(did you"
+        r" mean `has_aux=True`\?\)",
+    ),
+    _case(
+        "flax-has_aux-str",
+        _flax_trainer,
+        (),
+        {"has_aux": "yes"},
+        TypeError,
+        rf"`{_FT}\(has_aux=\.\.\.\)` must be True or False, got str 'yes'",
+    ),
+    *[
+        _case(
+            f"flax-wrt-{what}",
+            _flax_trainer,
+            (),
+            {"wrt": wrt},
+            ValueError,
+            rf"`{_FT}\(wrt=\.\.\.\)` selects no variable of the model, got"
+            rf" {_lit(repr(wrt))}",
+        )
+        for what, wrt in [("BatchStat", nnx.BatchStat), ("none", None)]
+    ],
+    _case(
+        "flax-wrt-not-a-filter",
+        _flax_trainer,
+        (),
+        {"wrt": 3.5},
+        TypeError,
+        rf"`{_FT}\(wrt=\.\.\.\)` must be an nnx filter, e\.g\. `nnx\.Param`, got 3\.5",
+    ),
+    *[
+        _case(
+            f"flax-batch-{what}",
+            _flax_trainer_step,
+            (),
+            {"batch": batch},
+            error,
+            rf"`{_FT}\.step\(batch=\.\.\.\)`{match}",
+        )
+        for what, batch, error, match in [
+            (
+                "leaves-of-different-sizes",
+                _FB_RAGGED,
+                ValueError,
+                r": every leaf must have the same leading batch size; \['x'\] has"
+                r" 4, \['y'\] has 3",
+            ),
+            ("scalar-leaf", _FB_SCALAR, ValueError, " must have a leading batch axis"),
+            ("str-leaf", _FB_STR, TypeError, r" must be a pytree of arrays; \['x'\]"),
+            ("none", None, ValueError, " must be a pytree of arrays"),
+        ]
+    ],
+    _case(
+        "flax-tx-none",
+        samx.flax.Trainer,
+        (nnx.Linear(3, 2, rngs=nnx.Rngs(0)), None, _nnx_loss),
+        {},
+        TypeError,
+        r"`Trainer\(tx=\.\.\.\)` must be an optax transform",
+    ),
+    _case(
+        "flax-ascent_batch_size-with-sam",
+        _flax_trainer,
+        (),
+        {"ascent_batch_size": 2},
+        ValueError,
+        r"`Trainer\(ascent_batch_size=\.\.\.\)` is AsyncSAM's ascent batch",
+    ),
+    _case(
+        "flax-ascent_batch_size-with-sam-on-an-abstract-model",
+        _flax_trainer,
+        (),
+        {"ascent_batch_size": 2, "model": _abstract_linear()},
+        ValueError,
+        r"`Trainer\(ascent_batch_size=\.\.\.\)` is AsyncSAM's ascent batch",
+    ),
+    _case(
+        "flax-ascent_batch_size-larger-than-the-batch",
+        _flax_trainer_step,
+        ("async_sam",),
+        {"ascent_batch_size": 8},
+        ValueError,
+        r"`Trainer\(ascent_batch_size=8\)` is larger than the batch \(4\)",
+    ),
+    _case(
+        "flax-pairing-unknown",
+        _flax_trainer,
+        ("async_sam",),
+        {"pairing": "lagged"},
+        ValueError,
+        r"`Trainer\(pairing=\.\.\.\)` must be 'paired'.*got 'lagged'",
+    ),
+    _case(
+        "flax-descent_device-unknown",
+        _flax_trainer,
+        (),
+        {"descent_device": "tpu:7"},
+        ValueError,
+        r"descent_device",
+    ),
+    _case(
+        "flax-state-a-dict",
+        _flax_trainer_set_state,
+        (lambda t: {"params": t.state.params},),
+        {},
+        TypeError,
+        rf"`{_FT}\.state` must be a `samx\.runtime\.TrainerState`.*got dict",
+    ),
+    _case(
+        "flax-state-of-another-model",
+        _flax_trainer_set_state,
+        (lambda t: _flax_trainer(model=nnx.Linear(3, 5, rngs=nnx.Rngs(0))).state,),
+        {},
+        ValueError,
+        rf"`{_FT}\.state`: its `params` does not have the tree structure, shapes"
+        " and dtypes of this Trainer's",
+    ),
+    _case(
+        "flax-state-of-another-transform",
+        _flax_trainer_set_state,
+        (lambda t: _flax_trainer("sampa").state,),
+        {},
+        ValueError,
+        rf"`{_FT}\.state`: its `opt_state` does not",
+    ),
+    _case(
+        "flax-state-abstract",
+        _flax_trainer_set_state,
+        (lambda t: t.abstract_state(),),
+        {},
+        ValueError,
+        rf"`{_FT}\.state` must hold arrays, got an abstract state",
+    ),
+    *[
+        _case(
+            f"flax-abstract-model-{what}-before-a-state-is-assigned",
+            call,
+            (),
+            {},
+            ValueError,
+            rf"{_FT}: this Trainer was built on an abstract model \(`nnx\.eval_shape`\)"
+            " and has no state yet",
+        )
+        for what, call in [
+            ("step", lambda: _flax_trainer(model=_abstract_linear()).step(_FB)),
+            ("model", lambda: _flax_trainer(model=_abstract_linear()).model),
+        ]
+    ],
+    _case(
+        "flax-abstract_state-without-batch",
+        lambda: _flax_trainer("async_sam").abstract_state(),
+        (),
+        {},
+        ValueError,
+        r"`abstract_state\(batch=\.\.\.\)` is required for async_sam",
+    ),
+]
+
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
     *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
@@ -2576,6 +2838,7 @@ CASES = [
     *_prefixed("DescentGradFn", DESCENT_GRAD_FN_CASES),
     *_prefixed("launch", LAUNCH_CASES),
     *_prefixed("initialize", INITIALIZE_CASES),
+    *_prefixed("Trainer", FLAX_TRAINER_CASES),
 ]
 
 

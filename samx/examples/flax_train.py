@@ -1,7 +1,8 @@
 """Training and evaluation drivers for the Flax CNNs, used by the notebooks.
 
 :func:`train_nnx` trains :class:`samx.examples.flax_models.CNN` through an
-``nnx.Optimizer`` and :func:`samx.flax.make_nnx_train_step`;
+``nnx.Optimizer`` and :func:`samx.flax.make_nnx_train_step`, or on two devices
+through :class:`samx.flax.Trainer`;
 :func:`train_linen` trains :class:`samx.examples.flax_models.LinenCNN` through
 a :class:`samx.flax.TrainState` and :func:`samx.flax.make_linen_train_step`.
 Both take a method of :data:`samx.examples.train.METHODS` (its radius and
@@ -97,13 +98,12 @@ def _check_sizes(fn: str, data: Dataset, epochs: int, batch_size: int) -> None:
         )
 
 
-def _loop_options(method: Method, opt_state: Any, batch_size: int) -> tuple:
-    """``(step options, whether the step takes prev_batch)``, from the plan."""
-    plan = method.plan(opt_state)
+def _loop_options(method: Method, opt_state: Any, batch_size: int) -> dict:
+    """The step options of the method's plan: pairing, AsyncSAM's ascent batch."""
     options = {"pairing": method.pairing}
-    if plan.uses(_plan.ASCENT):
+    if method.plan(opt_state).uses(_plan.ASCENT):
         options["ascent_batch_size"] = method.ascent_batch_size(batch_size)
-    return options, plan.uses(_plan.PREVIOUS)
+    return options
 
 
 def _fit(
@@ -113,20 +113,21 @@ def _fit(
     epochs: int,
     batch_size: int,
     seed: int,
-    step: Callable[[dict, dict], jax.Array],
+    step: Callable[[dict], jax.Array],
     evaluate: Callable[[], jax.Array],
 ) -> History:
     """The loop: shuffled minibatches, the clock, one sync per epoch.
 
-    ``step(batch, prev_batch)`` trains on one batch and returns the descent
-    loss (on the device); ``evaluate()`` returns the test accuracy. Both have
-    been compiled by the caller, so the clock times training only.
+    ``step(batch)`` trains on one batch and returns the descent loss (on the
+    device); the previous batch, where the method needs it, is kept by the
+    optimizer, the train state or the Trainer. ``evaluate()`` returns the test
+    accuracy. Both have been compiled by the caller, so the clock times
+    training only.
     """
     n = data.x_train.shape[0]
     steps_per_epoch = n // batch_size
     rng = np.random.default_rng(seed)
     history = History(method=method.name, label=method.label)
-    prev = None
     seconds = 0.0
     for _ in range(epochs):
         order = rng.permutation(n)[: steps_per_epoch * batch_size]
@@ -135,10 +136,7 @@ def _fit(
         start = time.perf_counter()
         total = jnp.zeros((), jnp.float32)
         for i in range(steps_per_epoch):
-            batch = {"x": xs[i], "y": ys[i]}
-            # AsyncSAM's and SAMPa's descent pass: the previous step's batch.
-            total = total + step(batch, batch if prev is None else prev)
-            prev = batch
+            total = total + step({"x": xs[i], "y": ys[i]})
         total = float(total)  # the only host sync of the epoch
         seconds += time.perf_counter() - start
         history.seconds.append(seconds)
@@ -163,19 +161,25 @@ def train_nnx(
     batch_size: int = 64,
     seed: int = 0,
     learning_rate: float = LEARNING_RATE,
+    descent_device: Any = None,
+    ascent_device: Any = None,
 ) -> tuple[flax_models.CNN, History]:
-    """Trains the NNX CNN with a method through ``nnx.Optimizer``.
+    """Trains the NNX CNN with a method, on one device or on two.
 
     The model is :class:`samx.examples.flax_models.CNN` initialised from
-    ``nnx.Rngs(seed)``; the optimizer is ``nnx.Optimizer(model, tx,
-    wrt=nnx.Param)`` with ``tx = METHODS[method_name].wrap(base)``, ``base``
-    being :func:`samx.examples.train.base_optimizer` over all the steps. The
-    steps are :func:`samx.flax.make_nnx_train_step` (AsyncSAM's ascent batch is
-    the first quarter of each batch; AsyncSAM's and SAMPa's descent pass uses
-    the previous step's batch, as their evaluation plan says), over
-    ``len(data.x_train) // batch_size`` shuffled batches per epoch, the same
-    ones for every method with the same ``seed``.
-    BatchNorm's statistics come from the descent pass only.
+    ``nnx.Rngs(seed)``, the transform ``tx = METHODS[method_name].wrap(base)``,
+    ``base`` being :func:`samx.examples.train.base_optimizer` over all the
+    steps (AsyncSAM's ascent batch is the first quarter of each batch). By
+    default the steps are :func:`samx.flax.make_nnx_train_step` with an
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, on the default device; with
+    ``descent_device`` or ``ascent_device`` they are
+    :meth:`samx.flax.Trainer.step`, which places the ascent role of
+    AsyncSAM's and SAMPa's evaluation plan on ``ascent_device``. Either way
+    AsyncSAM's and SAMPa's descent pass uses the previous step's batch, as
+    their plan says, and the BatchNorm statistics come from the descent pass
+    only: the same algorithm. There are ``len(data.x_train) // batch_size``
+    shuffled batches per epoch, the same ones for every method with the same
+    ``seed``.
 
     Args:
       method_name: a key of :data:`samx.examples.train.METHODS` in
@@ -186,10 +190,14 @@ def train_nnx(
       batch_size: the minibatch size.
       seed: seeds the initialisation and the batch order.
       learning_rate: the base optimizer's peak learning rate.
+      descent_device: train through :class:`samx.flax.Trainer`, the descent
+        on this device (a device or a name such as ``"cpu:0"``).
+      ascent_device: train through :class:`samx.flax.Trainer`, the ascent
+        role on this device (e.g. ``"cpu:1"``).
 
     Returns:
       ``(model, history)``: the trained model, in train mode, and a
-      :class:`History`.
+      :class:`History` (whose label names the two devices of a Trainer run).
 
     Examples:
       A run takes seconds (a compilation per method), so this is not a doctest::
@@ -205,33 +213,26 @@ def train_nnx(
     steps = epochs * (data.x_train.shape[0] // batch_size)
     model = flax_models.CNN(rngs=nnx.Rngs(seed))
     tx = method.wrap(base_optimizer(learning_rate, steps))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    options, prev_arg = _loop_options(method, optimizer.opt_state, batch_size)
-    train_step = samx.flax.make_nnx_train_step(flax_models.nnx_loss, **options)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    options = _loop_options(method, jax.eval_shape(tx.init, params), batch_size)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
-    @nnx.jit
-    def test_accuracy(model: flax_models.CNN) -> jax.Array:
-        return flax_models.accuracy(model(x_test), y_test)
+    # Compile the step and the evaluation before the clock starts.
+    first = _first_batch(data, batch_size)
+    warm = nnx.clone(model)
+    warm.eval()
+    jax.block_until_ready(_nnx_accuracy(warm, x_test, y_test))
+    if descent_device is None and ascent_device is None:
+        step, trained, devices = _one_device(model, tx, options, first)
+    else:
+        step, trained, devices = _trainer_steps(
+            model, tx, options, first, descent_device, ascent_device
+        )
 
     def evaluate() -> jax.Array:
-        model.eval()  # the running averages; back to train mode after
-        try:
-            return test_accuracy(model)
-        finally:
-            model.train()
-
-    def step(batch: dict, prev: dict) -> jax.Array:
-        kwargs = {"prev_batch": prev} if prev_arg else {}
-        return train_step(model, optimizer, batch, **kwargs)["loss"]
-
-    # Compile the step and the evaluation on copies, before the clock starts.
-    first = _first_batch(data, batch_size)
-    warm = nnx.clone(model), nnx.clone(optimizer)
-    kwargs = {"prev_batch": first} if prev_arg else {}
-    jax.block_until_ready(train_step(*warm, first, **kwargs))
-    warm[0].eval()
-    jax.block_until_ready(test_accuracy(warm[0]))
+        model = nnx.clone(trained())
+        model.eval()  # the running averages
+        return _nnx_accuracy(model, x_test, y_test)
 
     history = _fit(
         method,
@@ -242,7 +243,58 @@ def train_nnx(
         step=step,
         evaluate=evaluate,
     )
-    return model, history
+    if devices:
+        history.label += f" ({devices})"
+    return trained(), history
+
+
+@nnx.jit
+def _nnx_accuracy(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The accuracy of ``model`` on ``(x, y)``; compiled once for every run."""
+    return flax_models.accuracy(model(x), y)
+
+
+def _one_device(model: nnx.Module, tx: Any, options: dict, first: dict) -> tuple:
+    """``(step, trained model, None)`` through ``nnx.Optimizer``, compiled."""
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    train_step = samx.flax.make_nnx_train_step(flax_models.nnx_loss, **options)
+    # The optimizer keeps the previous batch: the copies' stays with them.
+    jax.block_until_ready(train_step(nnx.clone(model), nnx.clone(optimizer), first))
+
+    def step(batch: dict) -> jax.Array:
+        return train_step(model, optimizer, batch)["loss"]
+
+    return step, lambda: model, None
+
+
+def _trainer_steps(
+    model: nnx.Module,
+    tx: Any,
+    options: dict,
+    first: dict,
+    descent_device: Any,
+    ascent_device: Any,
+) -> tuple:
+    """``(step, trained model, "descent+ascent")`` through the Trainer, compiled."""
+    trainer = samx.flax.Trainer(
+        model,
+        tx,
+        flax_models.nnx_loss,
+        descent_device=descent_device,
+        ascent_device=ascent_device,
+        **options,
+    )
+    start = trainer.state
+    jax.block_until_ready(trainer.step(first))
+    trainer.state = start  # the state holds the whole run: start it again
+
+    def step(batch: dict) -> jax.Array:
+        return trainer.step(batch)["loss"]
+
+    runtime = trainer.runtime
+    where = runtime.descent_device, runtime.ascent_device_for(trainer.plan)
+    devices = "+".join(f"{d.platform}:{d.id}" for d in where)
+    return step, lambda: trainer.model, devices
 
 
 def train_linen(
@@ -292,7 +344,7 @@ def train_linen(
         batch_stats=batch_stats,
         tx=method.wrap(base_optimizer(learning_rate, steps)),
     )
-    options, prev_arg = _loop_options(method, state.opt_state, batch_size)
+    options = _loop_options(method, state.opt_state, batch_size)
     train_step = samx.flax.make_linen_train_step(flax_models.linen_loss, **options)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
@@ -301,18 +353,16 @@ def train_linen(
         logits = flax_models.linen_logits(params, batch_stats, x_test)
         return flax_models.accuracy(logits, y_test)
 
-    def step(batch: dict, prev: dict) -> jax.Array:
+    def step(batch: dict) -> jax.Array:
         nonlocal state
-        kwargs = {"prev_batch": prev} if prev_arg else {}
-        state, metrics = train_step(state, batch, **kwargs)
+        state, metrics = train_step(state, batch)  # the state keeps prev_batch
         return metrics["loss"]
 
     def evaluate() -> jax.Array:
         return test_accuracy(state.params, state.batch_stats)
 
     first = _first_batch(data, batch_size)
-    kwargs = {"prev_batch": first} if prev_arg else {}
-    jax.block_until_ready(train_step(state, first, **kwargs))  # compile only
+    jax.block_until_ready(train_step(state, first))  # compile only
     jax.block_until_ready(evaluate())
 
     history = _fit(

@@ -7,7 +7,9 @@ a model and a loss into what a samx transform needs, the gradients and a
 ``grad_fn(params, i)``, for ``nnx.Optimizer`` (:func:`nnx_grads`,
 :func:`nnx_train_step`, :func:`make_nnx_train_step`) and for linen's
 ``TrainState`` (:class:`TrainState`, :func:`apply_gradients`,
-:func:`linen_grads`, :func:`linen_train_step`, :func:`make_linen_train_step`).
+:func:`linen_grads`, :func:`linen_train_step`, :func:`make_linen_train_step`),
+and :class:`Trainer`, which trains an NNX model on the two-device runtime
+(:class:`samx.runtime.Trainer`).
 The method is found in the optimizer state, so the same step works for
 ``samx.sam``, ``samx.async_sam``, ``samx.sampa`` and any other optax
 transform.
@@ -49,10 +51,12 @@ from samx.flax._linen import make_linen_train_step as make_linen_train_step
 from samx.flax._nnx import make_nnx_train_step as make_nnx_train_step
 from samx.flax._nnx import nnx_grads as nnx_grads
 from samx.flax._nnx import nnx_train_step as nnx_train_step
+from samx.flax._trainer import Trainer as Trainer
 
 __all__ = (
     "DescentGradFn",
     "TrainState",
+    "Trainer",
     "apply_gradients",
     "linen_grads",
     "linen_train_step",

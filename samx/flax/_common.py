@@ -97,7 +97,10 @@ def require_prev_batch(fn: str, plan: _plan.EvaluationPlan, prev_batch: Any) -> 
             " (pairing='paired') evaluates its perturbed gradient on the"
             " previous step's batch, the examples its perturbation came from."
             " Pass the previous batch (the current batch itself at the first"
-            " step), or pairing='unpaired' to use the current batch."
+            " step), or pairing='unpaired' to use the current batch. The train"
+            " steps keep it themselves: `samx.flax.nnx_train_step` on the"
+            " `nnx.Optimizer`, `samx.flax.linen_train_step` in a"
+            " `samx.flax.TrainState`."
         )
 
 

@@ -23,6 +23,12 @@ class TrainState(train_state.TrainState):
 
     Attributes:
       batch_stats: the model's ``"batch_stats"`` collection.
+      prev_batch: the previous step's batch, which :func:`linen_train_step`
+        keeps where the method evaluates a gradient on it (AsyncSAM and SAMPa,
+        paired; see :func:`samx.evaluation_plan`); None before the first step
+        and for the other methods. It is part of the state, so a checkpoint
+        holds it: to restore a state saved after a step, build the target with
+        ``.replace(prev_batch=batch)`` for a batch of the training shapes.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, samx, samx.flax
@@ -41,6 +47,7 @@ class TrainState(train_state.TrainState):
     """
 
     batch_stats: Any = struct.field(default_factory=dict)
+    prev_batch: Any = None
 
     @classmethod
     def create(cls, *, apply_fn: Any, params: Any, tx: Any, **kwargs: Any) -> Any:
@@ -321,14 +328,23 @@ def linen_train_step(
     methods, so any optax transform works. Wrap it in ``jax.jit`` (with
     ``loss_fn`` static) or use :func:`make_linen_train_step`.
 
+    **The previous batch.** AsyncSAM and SAMPa (paired) evaluate their descent
+    pass on the previous step's batch. A :class:`samx.flax.TrainState` keeps
+    it, in its ``prev_batch`` field (None before the first step, which uses
+    ``batch`` itself): the batch travels with the state it belongs to. The
+    first step turns None into a batch, so a jitted step traces twice; the
+    step of :func:`make_linen_train_step` fills it before compiling. A state
+    without that field needs ``prev_batch=`` at every step, which otherwise
+    overrides the kept one for one step.
+
     Args:
       state: a :class:`samx.flax.TrainState`.
       batch: a pytree of arrays with a leading batch axis.
       loss_fn: ``loss_fn(params, batch_stats, batch) -> (loss,
         new_batch_stats)``; see :func:`linen_grads`.
       has_aux: whether ``loss_fn`` returns ``(loss, (new_batch_stats, aux))``.
-      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch (see
-        :func:`linen_grads`); ``batch`` itself at the first step.
+      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch for
+        this step, instead of ``state.prev_batch``.
       ascent_batch: AsyncSAM only: a separate ascent batch.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of ``batch``.
       pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
@@ -361,8 +377,15 @@ def linen_train_step(
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
       Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
     """
+    fn = "samx.flax.linen_train_step"
+    _plan.check_pairing(fn, pairing)
+    _check_state(fn, state)
+    plan = _plan.evaluation_plan(state.opt_state, pairing=pairing)
+    keeps = plan.uses(_plan.PREVIOUS) and hasattr(state, "prev_batch")
+    if keeps and prev_batch is None:
+        prev_batch = batch if state.prev_batch is None else state.prev_batch
     grads, grad_fn = _grads(
-        "samx.flax.linen_train_step",
+        fn,
         loss_fn,
         state,
         batch,
@@ -372,11 +395,13 @@ def linen_train_step(
         ascent_batch_size=ascent_batch_size,
         pairing=pairing,
     )
-    if grad_fn.plan.grad_fn:
+    if plan.grad_fn:
         state = apply_gradients(state, grads, grad_fn=grad_fn)
     else:  # a plain optax transform, which may not take extra arguments
         state = apply_gradients(state, grads)
     state = state.replace(batch_stats=grad_fn.model_state)
+    if keeps:
+        state = state.replace(prev_batch=batch)
     metrics = {"loss": grad_fn.loss}
     if has_aux:
         metrics["aux"] = grad_fn.aux
@@ -405,8 +430,10 @@ def make_linen_train_step(
     Returns:
       ``step(state, batch, prev_batch=None, ascent_batch=None) -> (state,
       metrics)``, compiled once per batch shape (and per whether
-      ``prev_batch`` / ``ascent_batch`` are given: for AsyncSAM and SAMPa,
-      pass ``prev_batch=batch`` at the first step).
+      ``prev_batch`` / ``ascent_batch`` are given). For AsyncSAM and SAMPa
+      (paired) a :class:`samx.flax.TrainState` keeps the previous batch, in
+      ``state.prev_batch`` (see :func:`linen_train_step`): pass the current
+      batch only. The step holds no state of its own.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, samx, samx.flax
@@ -421,10 +448,12 @@ def make_linen_train_step(
       ...     out = model.apply({"params": params}, batch["x"])
       ...     return jnp.mean((out - batch["y"]) ** 2), batch_stats
       >>> step = samx.flax.make_linen_train_step(loss_fn)
-      >>> for _ in range(3):
-      ...     state, metrics = step(state, batch, prev_batch=batch)
+      >>> for _ in range(3):  # grad_fn(_, 0): state.prev_batch
+      ...     state, metrics = step(state, batch)
       >>> print(f"{float(metrics['loss']):.4f}")
       1.0982
+      >>> state.prev_batch["x"].shape
+      (4, 3)
 
     References:
       Xie, Pethick, Cevher, `SAMPa: Sharpness-aware Minimization Parallelized
@@ -449,4 +478,26 @@ def make_linen_train_step(
     ) -> tuple[Any, dict[str, Any]]:
         return step(state, batch, prev_batch=prev_batch, ascent_batch=ascent_batch)
 
-    return jitted
+    def train_step(state: Any, batch: Any, *args, **kwargs) -> Any:
+        return jitted(_with_prev_batch(state, batch, pairing), batch, *args, **kwargs)
+
+    return train_step
+
+
+def _with_prev_batch(state: Any, batch: Any, pairing: str) -> Any:
+    """``state.replace(prev_batch=batch)`` before a first step that keeps one.
+
+    Outside the jit, so that the step sees one tree structure and compiles
+    once (``B_{-1} := B_0``).
+    """
+    if not (
+        hasattr(state, "prev_batch")
+        and state.prev_batch is None
+        and hasattr(state, "opt_state")
+        and hasattr(state, "replace")
+    ):
+        return state
+    _common.check_batch("samx.flax.linen_train_step", "batch", batch)
+    if _plan.evaluation_plan(state.opt_state, pairing=pairing).uses(_plan.PREVIOUS):
+        return state.replace(prev_batch=batch)
+    return state

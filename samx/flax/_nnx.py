@@ -15,6 +15,52 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def pure_loss(
+    fn: str, loss_fn: Callable[..., Any], graphdef: Any, wrt: Any, has_aux: bool
+) -> Callable[[nnx.State, nnx.State, Any], tuple[jax.Array, tuple[Any, nnx.State]]]:
+    """``loss(params, rest, batch) -> (loss, (aux, new_rest))`` on pure states.
+
+    Merges the pure parameter state and the pure rest (everything ``wrt`` does
+    not select) with ``graphdef`` into a fresh model, calls ``loss_fn`` on it
+    and splits off the rest it leaves behind (the start's if a floating leaf of
+    it is not finite). The model is built from arrays inside the trace, so its
+    Variables may be updated there (no ``TraceContextError``).
+    """
+
+    def loss(params: nnx.State, rest: nnx.State, batch: Any) -> Any:
+        model = nnx.merge(graphdef, params, rest)
+        value, aux = _common.split_output(fn, loss_fn(model, batch), has_aux)
+        _, _, new_rest = nnx.split(model, wrt, ...)
+        return value, (aux, _common.finite_or(nnx.as_pure(new_rest), rest))
+
+    return loss
+
+
+class PrevBatch(nnx.Variable):
+    """The previous step's batch, kept as ``optimizer.prev_batch``."""
+
+
+def _previous(
+    plan: _plan.EvaluationPlan, optimizer: Any, batch: Any, prev_batch: Any
+) -> Any:
+    """The batch for the plan's ``"previous"`` role: given, kept, or ``batch``."""
+    if prev_batch is not None or not plan.uses(_plan.PREVIOUS):
+        return prev_batch
+    kept = getattr(optimizer, "prev_batch", None)
+    return kept.get_value() if isinstance(kept, PrevBatch) else batch
+
+
+def _keep(plan: _plan.EvaluationPlan, optimizer: Any, batch: Any) -> None:
+    """Records ``batch`` on the optimizer as the next step's previous batch."""
+    if not plan.uses(_plan.PREVIOUS):
+        return
+    kept = getattr(optimizer, "prev_batch", None)
+    if isinstance(kept, PrevBatch):
+        kept.set_value(batch)
+    else:
+        optimizer.prev_batch = PrevBatch(batch)
+
+
 def _opt_state_and_wrt(fn: str, optimizer: Any) -> tuple[Any, Any]:
     if isinstance(optimizer, nnx.Optimizer):
         return optimizer.opt_state, optimizer.wrt
@@ -177,12 +223,10 @@ def _grads(
     plan = _plan.evaluation_plan(opt_state, pairing=pairing)
     graphdef, wrt_state, rest = nnx.split(model, wrt, ...)
     start_rest = nnx.as_pure(rest)
+    pure = pure_loss(fn, loss_fn, graphdef, wrt, has_aux)
 
     def pass_fn(params: nnx.State, batch: Any) -> Any:
-        m = nnx.merge(graphdef, params, start_rest)
-        loss, aux = _common.split_output(fn, loss_fn(m, batch), has_aux)
-        _, _, new_rest = nnx.split(m, wrt, ...)
-        return loss, (aux, _common.finite_or(nnx.as_pure(new_rest), start_rest))
+        return pure(params, start_rest, batch)
 
     def on_descent(new_rest: nnx.State) -> None:
         nnx.update(model, new_rest)
@@ -221,9 +265,21 @@ def nnx_train_step(
 
     :func:`nnx_grads` then ``optimizer.update``: the model's parameters and
     optimizer state are updated in place, and its other state (BatchNorm
-    statistics) is the descent pass's. Wrap it in ``nnx.jit`` (or use
-    :func:`make_nnx_train_step`); ``grad_fn`` is passed to the optimizer only
-    for the samx methods, so any optax transform works.
+    statistics, RNG counts) is the descent pass's. Wrap it in ``nnx.jit`` (or
+    use :func:`make_nnx_train_step`); ``grad_fn`` is passed to the optimizer
+    only for the samx methods, so any optax transform works.
+
+    **The previous batch.** AsyncSAM and SAMPa (paired) evaluate their descent
+    pass on the previous step's batch. The step keeps it on the optimizer it
+    updates, as ``optimizer.prev_batch`` (an ``nnx.Variable``, absent before
+    the first step, which uses ``batch`` itself): the batch belongs to that
+    optimizer's run, so a copy made with ``nnx.clone`` (e.g. to compile before
+    a timed run) keeps its own, and ``nnx.state(optimizer)`` checkpoints it
+    (``nnx.state(optimizer, nnx.OptState)`` leaves it out; a target to restore
+    it into needs ``optimizer.prev_batch`` too, as after one step). Its first
+    call adds the variable, so a jitted step traces twice; the step of
+    :func:`make_nnx_train_step` adds it before compiling. ``prev_batch=``
+    overrides it for one step.
 
     Args:
       model: the ``nnx.Module``.
@@ -231,8 +287,8 @@ def nnx_train_step(
       batch: a pytree of arrays with a leading batch axis.
       loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux)``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch (see
-        :func:`nnx_grads`); ``batch`` itself at the first step.
+      prev_batch: AsyncSAM and SAMPa (paired): the previous step's batch for
+        this step, instead of the one the optimizer keeps.
       ascent_batch: AsyncSAM only: a separate ascent batch.
       ascent_batch_size: AsyncSAM only: the first ``b'`` examples of ``batch``.
       pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
@@ -254,11 +310,12 @@ def nnx_train_step(
       >>> batch = {"x": jnp.eye(4, 3), "y": jnp.ones((4, 1))}
       >>> step = nnx.jit(samx.flax.nnx_train_step, static_argnames=(
       ...     "loss_fn", "ascent_batch_size"))
-      >>> for _ in range(3):  # the same batch each step, so it is the previous too
-      ...     metrics = step(model, optimizer, batch, loss_fn, prev_batch=batch,
-      ...                    ascent_batch_size=2)
+      >>> for _ in range(3):  # the descent pass: the batch the optimizer kept
+      ...     metrics = step(model, optimizer, batch, loss_fn, ascent_batch_size=2)
       >>> print(f"{float(metrics['loss']):.4f}")
       0.6335
+      >>> optimizer.prev_batch.get_value()["x"].shape
+      (4, 3)
 
     References:
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -273,6 +330,8 @@ def nnx_train_step(
             f" {type(optimizer).__name__}; with a bare optax state, use"
             " `samx.flax.nnx_grads`."
         )
+    _plan.check_pairing(fn, pairing)
+    plan = _plan.evaluation_plan(optimizer.opt_state, pairing=pairing)
     grads, grad_fn = _grads(
         fn,
         loss_fn,
@@ -280,16 +339,17 @@ def nnx_train_step(
         optimizer,
         batch,
         has_aux=has_aux,
-        prev_batch=prev_batch,
+        prev_batch=_previous(plan, optimizer, batch, prev_batch),
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
         pairing=pairing,
     )
-    extra = {"grad_fn": grad_fn} if grad_fn.plan.grad_fn else {}
+    extra = {"grad_fn": grad_fn} if plan.grad_fn else {}
     if isinstance(optimizer, nnx.ModelAndOptimizer):  # deprecated: holds the model
         optimizer.update(grads, **extra)
     else:
         optimizer.update(model, grads, **extra)
+    _keep(plan, optimizer, batch)
     metrics = {"loss": grad_fn.loss}
     if has_aux:
         metrics["aux"] = grad_fn.aux
@@ -317,8 +377,12 @@ def make_nnx_train_step(
     Returns:
       ``step(model, optimizer, batch, prev_batch=None, ascent_batch=None) ->
       metrics``, compiled once per batch shape (and per whether
-      ``prev_batch`` / ``ascent_batch`` are given: for AsyncSAM and SAMPa,
-      pass ``prev_batch=batch`` at the first step).
+      ``prev_batch`` / ``ascent_batch`` are given). For AsyncSAM and SAMPa
+      (paired) the optimizer keeps the previous batch, as
+      ``optimizer.prev_batch`` (see :func:`nnx_train_step`): pass the current
+      batch only. The step holds no state of its own, so it may be compiled
+      on copies of the model and optimizer (``nnx.clone``) before the real
+      run.
 
     Examples:
       >>> import jax.numpy as jnp, optax, samx, samx.flax
@@ -330,10 +394,8 @@ def make_nnx_train_step(
       ...     lambda model, b: jnp.mean((model(b["x"]) - b["y"]) ** 2))
       >>> batches = [{"x": jnp.eye(4, 3), "y": y * jnp.ones((4, 1))}
       ...            for y in (1.0, 2.0, 1.0)]
-      >>> prev = batches[0]
-      >>> for batch in batches:
-      ...     metrics = step(model, optimizer, batch, prev_batch=prev)
-      ...     prev = batch
+      >>> for batch in batches:  # grad_fn(_, 0): the previous batch, kept
+      ...     metrics = step(model, optimizer, batch)
       >>> print(f"{float(metrics['loss']):.4f}")
       3.0410
 
@@ -348,7 +410,7 @@ def make_nnx_train_step(
     _plan.check_pairing(fn, pairing)
 
     @nnx.jit
-    def step(
+    def jitted(
         model: nnx.Module,
         optimizer: nnx.Optimizer,
         batch: Any,
@@ -367,4 +429,23 @@ def make_nnx_train_step(
             pairing=pairing,
         )
 
+    def step(model: Any, optimizer: Any, batch: Any, *args, **kwargs) -> Any:
+        _add_prev_batch(optimizer, batch, pairing)
+        return jitted(model, optimizer, batch, *args, **kwargs)
+
     return step
+
+
+def _add_prev_batch(optimizer: Any, batch: Any, pairing: str) -> None:
+    """``optimizer.prev_batch = batch`` before a first step that keeps one.
+
+    Outside the jit, so that the step sees one graph structure and compiles
+    once (``B_{-1} := B_0``).
+    """
+    if not isinstance(optimizer, nnx.Optimizer) or isinstance(
+        getattr(optimizer, "prev_batch", None), PrevBatch
+    ):
+        return
+    _common.check_batch("samx.flax.nnx_train_step", "batch", batch)
+    if _plan.evaluation_plan(optimizer.opt_state, pairing=pairing).uses(_plan.PREVIOUS):
+        optimizer.prev_batch = PrevBatch(batch)

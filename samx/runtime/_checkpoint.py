@@ -4,7 +4,7 @@ from typing import Any
 
 import jax
 
-from samx import _plan
+from samx import _checks, _plan
 from samx.runtime._trainer import Trainer, TrainerState
 
 
@@ -25,13 +25,15 @@ def abstract_state(
     the descent device, or on a mesh replicated (the batch split along its
     batch axis). The restored state then continues without a recompilation.
 
-    It allocates a fresh state on the descent device (as ``trainer.init``
-    does); the values are not used.
+    It allocates nothing (the fresh state is traced with ``jax.eval_shape``),
+    so ``params`` and ``model_state`` may be abstract: ``jax.ShapeDtypeStruct``
+    leaves, e.g. from ``jax.eval_shape`` or Flax's ``nnx.eval_shape``.
 
     Args:
       trainer: the :class:`Trainer` that will continue from the checkpoint.
-      params: parameters of the model's shapes and dtypes (e.g. a fresh
-        initialisation), as for :meth:`Trainer.init`.
+      params: parameters of the model's shapes and dtypes (a fresh
+        initialisation, or its ``jax.ShapeDtypeStruct``), as for
+        :meth:`Trainer.init`.
       model_state: the model's state, as for :meth:`Trainer.init`
         (required with ``has_state=True``).
       batch: a batch of the shapes the training loop feeds (any values; under
@@ -72,18 +74,36 @@ def abstract_state(
             "`abstract_state(trainer=...)` must be a `samx.runtime.Trainer`, got"
             f" {type(trainer).__name__}."
         )
-    state = trainer.init(params, model_state)
-    if trainer.plan(state.opt_state).uses(_plan.PREVIOUS):
+    if params is not None:  # None: the transform's own init says so
+        _checks.require_params("samx.runtime.Trainer", params, "init")
+    # The fresh state's shapes, without allocating it (params may be abstract).
+    state = jax.eval_shape(trainer.init, params, model_state)
+    plan = trainer.plan(state.opt_state)
+    prev_batch = None
+    if plan.uses(_plan.PREVIOUS):
         if batch is None:
             raise ValueError(
                 "`abstract_state(batch=...)` is required for"
-                f" {trainer.plan(state.opt_state).method}, whose state holds the"
-                " previous batch: pass a batch of the shapes the training loop"
-                " feeds."
+                f" {plan.method}, whose state holds the previous batch: pass a"
+                " batch of the shapes the training loop feeds."
             )
         fn = "samx.runtime.abstract_state"
         trainer._check_batch(fn, batch)
-        state = state._replace(prev_batch=trainer._put_batch(fn, batch))
+        # Placed as Trainer.step places it (this process's part of it, under
+        # jax.distributed): one batch, allocated to read its global shape.
+        prev_batch = jax.tree.map(_abstract, trainer._put_batch(fn, batch))
+    state = _placed(state, trainer._state_place)
+    return state._replace(prev_batch=prev_batch)
+
+
+def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def _placed(tree: Any, place: Any) -> Any:
+    """``tree``'s leaves as ``jax.ShapeDtypeStruct`` with the sharding ``place``."""
+    if isinstance(place, jax.Device):
+        place = jax.sharding.SingleDeviceSharding(place)
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), tree
     )

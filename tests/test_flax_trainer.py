@@ -1,0 +1,191 @@
+"""samx.flax.Trainer: an NNX model on two devices, against the one-device step.
+
+The reference is the one-device ``samx.flax`` step (``nnx.Optimizer`` and
+:func:`samx.flax.make_nnx_train_step`, itself checked against a hand-written
+functional loop in test_flax.py) on the same batches, from the same model:
+parameters, BatchNorm statistics, RNG counts and keys, loss and aux.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from _testing import count_compilations
+from flax import nnx
+
+import samx
+import samx.flax
+
+CPU0, CPU1 = jax.devices("cpu")[:2]
+STEPS = 5
+ASCENT = 8  # AsyncSAM's ascent batch, of a batch of 16
+
+
+class Net(nnx.Module):
+    """Conv -> BatchNorm -> ReLU -> Dropout -> mean pool -> Dense."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, momentum=0.5, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.dense = nnx.Linear(4, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.drop(nnx.relu(self.bn(self.conv(x))))
+        return self.dense(h.mean(axis=(1, 2)))
+
+
+def _net():
+    # An "rbg" dropout key: XLA:CPU compiles threefry's dropout mask about 3x
+    # slower. The Trainer treats keys alike, whatever their implementation.
+    return Net(nnx.Rngs(0, dropout=jax.random.key(1, impl="rbg")))
+
+
+def loss_aux(model, batch):
+    logits = model(batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, {"logits": logits}
+
+
+def _batches(n=STEPS):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "x": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+            "y": rng.integers(0, 10, 16).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
+
+
+def _base():
+    return optax.sgd(0.1, momentum=0.9)
+
+
+TRANSFORMS = {
+    "sam": lambda: samx.sam(_base(), rho=0.5),
+    "async_sam": lambda: samx.async_sam(_base(), rho=0.5),
+    "sampa": lambda: samx.sampa(_base(), rho=0.5, lam=0.2),
+    "plain": _base,
+}
+
+
+def _trainer(method, model, **kwargs):
+    return samx.flax.Trainer(
+        model,
+        TRANSFORMS[method](),
+        loss_aux,
+        descent_device=CPU0,
+        ascent_device=CPU1,
+        ascent_batch_size=ASCENT if method == "async_sam" else None,
+        has_aux=True,
+        **kwargs,
+    )
+
+
+def _comparable(tree):
+    """PRNG keys as their data, so that trees of them compare."""
+    return jax.tree.map(
+        lambda x: (
+            jax.random.key_data(x)
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x
+        ),
+        tree,
+    )
+
+
+def _close(a, b, tol=1e-5):
+    a, b = _comparable(a), _comparable(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=tol, atol=tol), a, b
+    )
+
+
+def _devices(tree):
+    return {d for x in jax.tree.leaves(tree) for d in x.devices()}
+
+
+@functools.cache
+def _run(method):
+    """Trains 5 steps through the Trainer, descent on cpu:0, ascent on cpu:1.
+
+    Returns the trainer, its state after each step, the last metrics and the
+    compilations after the first step; the steps run under
+    ``transfer_guard("disallow")``, and the parameters stay on cpu:0.
+    """
+    trainer = _trainer(method, _net())
+    states = [trainer.state]
+    first, *others = _batches()
+    with jax.transfer_guard("disallow"):
+        metrics = trainer.step(first)
+        states.append(trainer.state)
+        with count_compilations() as compiled:
+            for batch in others:
+                metrics = trainer.step(batch)
+                states.append(trainer.state)
+                assert _devices(trainer.state.params) == {CPU0}
+            jax.block_until_ready(metrics)
+    return trainer, states, metrics, compiled
+
+
+@pytest.mark.parametrize("method", sorted(TRANSFORMS))
+def test_two_devices_equal_the_one_device_step(method):
+    trainer, _, metrics, compiled = _run(method)
+    assert compiled == []
+    if method in ("async_sam", "sampa"):  # the ascent role ran on the other device
+        assert metrics["ascent_grad_norm"].devices() == {CPU1}
+
+    # The reference: the one-device samx.flax step, on the same batches.
+    model = _net()
+    optimizer = nnx.Optimizer(model, TRANSFORMS[method](), wrt=nnx.Param)
+    step = samx.flax.make_nnx_train_step(
+        loss_aux,
+        has_aux=True,
+        ascent_batch_size=ASCENT if method == "async_sam" else None,
+    )
+    for batch in _batches():
+        want = step(model, optimizer, batch)
+
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    _close(trainer.state.params, nnx.as_pure(params))
+    _close(trainer.state.model_state, nnx.as_pure(rest))  # statistics, RNG state
+    _close(metrics["loss"], want["loss"])
+    _close(metrics["aux"], want["aux"])
+    # Dropout draws once per forward pass: its stream moved once per step.
+    assert int(trainer.model.drop.rngs.count[...]) == STEPS
+    assert not np.allclose(trainer.model.bn.mean[...], 0.0)
+
+
+def test_a_checkpoint_mid_run_restores_into_an_abstract_model_bit_exactly(tmp_path):
+    # AsyncSAM (paired): the state holds the previous batch and the RNG state.
+    _, states, _, _ = _run("async_sam")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt", states[3])
+        ckptr.wait_until_finished()
+        # After a restart: no model is allocated to build the target.
+        fresh = _trainer("async_sam", nnx.eval_shape(_net))
+        target = fresh.abstract_state(_batches()[0])
+        fresh.state = ckptr.restore(tmp_path / "ckpt", target)
+
+    assert int(fresh.state.step) == 3
+    for x in jax.tree.leaves(fresh.state):
+        assert x.committed and x.devices() == {CPU0}
+    for batch in _batches()[3:]:
+        fresh.step(batch)
+    _close(fresh.state, states[-1], tol=0)
+
+
+def test_the_model_is_merged_on_demand_and_changing_it_changes_nothing():
+    trainer = _trainer("sam", _net())
+    model = trainer.model
+    model.eval()  # evaluation mode, on this module only
+    model.bn.mean[...] = jnp.ones(4)
+    assert model.bn.use_running_average
+    assert not trainer.model.bn.use_running_average
+    np.testing.assert_array_equal(trainer.state.model_state["bn"]["mean"], 0.0)
