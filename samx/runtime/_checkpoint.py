@@ -77,8 +77,9 @@ def abstract_state(
     if params is not None:  # None: the transform's own init says so
         _checks.require_params("samx.runtime.Trainer", params, "init")
     # The fresh state's shapes, without allocating it (params may be abstract).
-    state = jax.eval_shape(trainer.init, params, model_state)
+    state = jax.eval_shape(trainer._fresh_state, params, model_state)
     plan = trainer.plan(state.opt_state)
+    trainer._check_plan(plan)  # as init does, outside the trace
     prev_batch = None
     if plan.uses(_plan.PREVIOUS):
         if batch is None:

@@ -388,10 +388,13 @@ class Trainer:
             )
         if params is not None:  # None: the transform's own init says so
             _checks.require_params("samx.runtime.Trainer", params, "init")
-        params = self._put(params, self._state_place)
-        opt_state = jax.jit(self.tx.init)(params)
-        _chain.warn_transforms_before("samx.runtime.Trainer", opt_state)
-        plan = self.plan(opt_state)
+        state = self._fresh_state(params, model_state)
+        self._check_plan(self.plan(state.opt_state))
+        return state
+
+    def _check_plan(self, plan: _plan.EvaluationPlan) -> None:
+        """Whether this Trainer's options fit ``plan`` (not under a trace:
+        under jax.distributed it talks to the other processes)."""
         if self.ascent_batch_size is not None and not plan.uses(_plan.ASCENT):
             raise ValueError(
                 "`Trainer(ascent_batch_size=...)` is AsyncSAM's ascent batch;"
@@ -399,6 +402,13 @@ class Trainer:
             )
         if self._multiprocess:
             self._check_processes(plan)
+
+    def _fresh_state(self, params: Any, model_state: Any) -> TrainerState:
+        """The initial state without the checks of :meth:`init` (traceable,
+        e.g. by ``jax.eval_shape`` in :func:`samx.runtime.abstract_state`)."""
+        params = self._put(params, self._state_place)
+        opt_state = jax.jit(self.tx.init)(params)
+        _chain.warn_transforms_before("samx.runtime.Trainer", opt_state)
         state = TrainerState(
             step=jnp.zeros((), jnp.int32),
             params=params,
