@@ -382,10 +382,6 @@ class Trainer:
 
     def init(self, params: Any, model_state: Any = None) -> TrainerState:
         """The initial state, on the descent device."""
-        if self.has_state and model_state is None:
-            raise ValueError(
-                "`Trainer(has_state=True)` needs `init(params, model_state)`."
-            )
         if params is not None:  # None: the transform's own init says so
             _checks.require_params("samx.runtime.Trainer", params, "init")
         state = self._fresh_state(params, model_state)
@@ -406,6 +402,10 @@ class Trainer:
     def _fresh_state(self, params: Any, model_state: Any) -> TrainerState:
         """The initial state without the checks of :meth:`init` (traceable,
         e.g. by ``jax.eval_shape`` in :func:`samx.runtime.abstract_state`)."""
+        if self.has_state and model_state is None:
+            raise ValueError(
+                "`Trainer(has_state=True)` needs `init(params, model_state)`."
+            )
         params = self._put(params, self._state_place)
         opt_state = jax.jit(self.tx.init)(params)
         _chain.warn_transforms_before("samx.runtime.Trainer", opt_state)
