@@ -271,11 +271,17 @@ def test_the_recipe_killed_and_resumed_ends_bit_identical(tmp_path):
 # --- the launcher: failures and timeouts stop every process -----------------------
 
 
-def test_launcher_stops_every_process_when_one_fails():
+def test_launcher_stops_every_process_when_one_fails(tmp_path):
+    # Rank 1 fails once every rank has said its pid (files as a barrier: under
+    # load, a rank may start after the failure otherwise).
     code = (
-        "import os, sys, time\n"
+        "import os, pathlib, sys, time\n"
         "print('pid', os.getpid(), flush=True)\n"
-        "if os.environ['SAMX_PROCESS_ID'] == '1': sys.exit(3)\n"
+        f"here = pathlib.Path({str(tmp_path)!r})\n"
+        "(here / os.environ['SAMX_PROCESS_ID']).touch()\n"
+        "if os.environ['SAMX_PROCESS_ID'] == '1':\n"
+        "    while len(list(here.iterdir())) < 3: time.sleep(0.05)\n"
+        "    sys.exit(3)\n"
         "time.sleep(600)\n"
     )
     with pytest.raises(LaunchError, match=r"rank 1 exited with exit status 3") as e:
