@@ -26,3 +26,43 @@ def test_readme_links_every_page():
     readme = (ROOT / "README.md").read_text()
     for page in PAGES:
         assert f"docs/{page.name}" in readme, f"README.md does not link {page.name}"
+
+
+def _includes():
+    """Each include of a page: (page, included file, start-after, end-before)."""
+    for page in PAGES:
+        for body in re.findall(r"```\{include\} (.*?)```", page.read_text(), re.S):
+            path, *options = body.strip().splitlines()
+            marks = dict(
+                re.findall(
+                    r'^:(start-after|end-before): "(.*)"$', "\n".join(options), re.M
+                )
+            )
+            yield (
+                page,
+                page.parent / path,
+                marks.get("start-after"),
+                marks.get("end-before"),
+            )
+
+
+@pytest.mark.parametrize(
+    "include", list(_includes()), ids=lambda i: f"{i[0].name}:{i[1].name}"
+)
+def test_included_parts_are_found(include):
+    # The site takes the README's parts between these markers (and the
+    # notebooks' README): editing it must keep them, in order.
+    page, path, start, end = include
+    text = path.read_text()
+    assert start is None or text.count(start) == 1, f"{page.name}: {start!r} not once"
+    assert end is None or text.count(end) == 1, f"{page.name}: {end!r} not once"
+    if start and end:
+        assert text.index(start) < text.index(end), f"{page.name}: markers out of order"
+
+
+def test_every_notebook_is_on_the_notebooks_page():
+    page = (ROOT / "docs" / "notebooks.md").read_text()
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        assert f"notebooks/{notebook.stem}\n" in page, (
+            f"docs/notebooks.md lacks {notebook.name}"
+        )

@@ -26,3 +26,10 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
     assert tests.endswith("-m pytest")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci, "`.ci/run` must run exactly the README's test command"
+
+
+def test_ci_builds_the_docs_with_the_readme_command():
+    (docs,) = [b.strip() for b in _blocks("bash") if "sphinx-build" in b]
+    assert " -W " in docs and docs.endswith("docs/check_api.py docs/_build/html")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert docs in ci, "`.ci/run` must run exactly the README's docs command"

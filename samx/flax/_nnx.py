@@ -110,13 +110,13 @@ def nnx_grads(
       ``grad_fn(_, 0)``, the descent pass, runs on ``prev_batch`` (the
       previous step's batch, which gave the stored gradient, as in the
       official code) and ``grad_fn(_, 1)`` on ``batch``.
-
-    For both, ``prev_batch`` is required (``batch`` itself at the first step);
-    with ``pairing="unpaired"`` the descent pass runs on ``batch`` instead and
-    ``prev_batch`` is not taken (:func:`samx.evaluation_plan`).
     - any other optax transform (``"plain"``): ``grads`` at the current
       parameters on ``batch``, which is the descent pass; ``grad_fn`` is not
       needed (pass it only to transforms that accept extra arguments).
+
+    For AsyncSAM and SAMPa, ``prev_batch`` is required (``batch`` itself at the
+    first step); with ``pairing="unpaired"`` the descent pass runs on ``batch``
+    instead and ``prev_batch`` is not taken (:func:`samx.evaluation_plan`).
 
     **BatchNorm rule.** Every pass starts from the model state (everything
     that ``optimizer.wrt`` does not select: BatchNorm statistics, RNG counts)
