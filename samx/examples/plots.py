@@ -72,7 +72,7 @@ def _final_accuracy_figure(results: dict, title: str = ""):
             ha="center",
             fontsize=7,
         )
-    ax.set_xticks(x, [ALL[n].label for n in names], rotation=30)
+    ax.set_xticks(x, [ALL[n].label for n in names], rotation=30, ha="right")
     ax.set_ylabel("final test accuracy (mean ± std; dots: seeds)")
     ax.set_ylim(0.0, 1.05)  # bars start at 0: their lengths compare honestly
     ax.set_title(title)
