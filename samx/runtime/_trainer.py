@@ -514,6 +514,16 @@ class Trainer:
         )
         return self._finish(state, updates, opt_state, outputs)
 
+    def _update_from(self, state, outputs):
+        """The transform's update, fed the gradients ``outputs`` computed."""
+        return _plan.plan_update(
+            self._plan,
+            self.tx,
+            state.params,
+            state.opt_state,
+            lambda e, p: outputs[e.index][2],
+        )
+
     def _vmapped(self, state, prev, batch):
         """A parallel plan on one device: its gradients in one ``vmap``-ed call."""
         points = _plan.evaluation_points(
@@ -522,13 +532,7 @@ class Trainer:
         outputs = _plan.stacked_call(
             self._value_and_grad, points, self._batches(prev, batch), state.model_state
         )
-        updates, opt_state = _plan.plan_update(
-            self._plan,
-            self.tx,
-            state.params,
-            state.opt_state,
-            lambda e, p: outputs[e.index][2],
-        )
+        updates, opt_state = self._update_from(state, outputs)
         return self._finish(state, updates, opt_state, outputs)
 
     def _step_two_devices(self, plan, state, prev, batch, batch_d, ascent_device):
@@ -611,13 +615,7 @@ class Trainer:
             )
             for e, out in zip(plan.on(role), outs, strict=True)
         }
-        updates, opt_state = _plan.plan_update(
-            self._plan,
-            self.tx,
-            state.params,
-            state.opt_state,
-            lambda e, p: outputs[e.index][2],
-        )
+        updates, opt_state = self._update_from(state, outputs)
         return self._finish(state, updates, opt_state, outputs, ascent_norms=False)
 
 
