@@ -155,8 +155,7 @@ class Trainer:
         )
         self._state: runtime.TrainerState | None = None
         if _is_abstract(fn, params, rest):  # checks the arguments, allocates nothing
-            fresh = jax.eval_shape(self.runtime._fresh_state, params, rest)
-            self.runtime._check_plan(self.runtime.plan(fresh.opt_state))
+            fresh = self.runtime._init(params, rest, abstract=True)
         else:
             fresh = self._state = self.runtime.init(params, rest)
         self._fresh = jax.tree.map(_abstract, fresh)  # what a state must look like

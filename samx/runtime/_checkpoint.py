@@ -4,7 +4,7 @@ from typing import Any
 
 import jax
 
-from samx import _checks, _plan
+from samx import _plan
 from samx.runtime._trainer import Trainer, TrainerState
 
 
@@ -74,12 +74,9 @@ def abstract_state(
             "`abstract_state(trainer=...)` must be a `samx.runtime.Trainer`, got"
             f" {type(trainer).__name__}."
         )
-    if params is not None:  # None: the transform's own init says so
-        _checks.require_params("samx.runtime.Trainer", params, "init")
     # The fresh state's shapes, without allocating it (params may be abstract).
-    state = jax.eval_shape(trainer._fresh_state, params, model_state)
+    state = trainer._init(params, model_state, abstract=True)
     plan = trainer.plan(state.opt_state)
-    trainer._check_plan(plan)  # as init does, outside the trace
     prev_batch = None
     if plan.uses(_plan.PREVIOUS):
         if batch is None:

@@ -382,9 +382,17 @@ class Trainer:
 
     def init(self, params: Any, model_state: Any = None) -> TrainerState:
         """The initial state, on the descent device."""
+        return self._init(params, model_state, abstract=False)
+
+    def _init(self, params: Any, model_state: Any, *, abstract: bool) -> TrainerState:
+        """:meth:`init`, or (``abstract``) its shapes without allocating it (for
+        restore targets); the same checks either way, outside any trace."""
         if params is not None:  # None: the transform's own init says so
             _checks.require_params("samx.runtime.Trainer", params, "init")
-        state = self._fresh_state(params, model_state)
+        if abstract:
+            state = jax.eval_shape(self._fresh_state, params, model_state)
+        else:
+            state = self._fresh_state(params, model_state)
         self._check_plan(self.plan(state.opt_state))
         return state
 
