@@ -20,11 +20,18 @@ class AsyncSAMState(NamedTuple):
       ascent_grad: the ascent gradient of the previous step, ``a_{t-1}``, a
         tree like the parameters with their dtypes; zeros before the first
         step.
+      ascent_fraction: ``b'/b`` of the batch ``ascent_grad`` came from, a
+        float32 scalar (1 before the first step); with ``rho_scaling="sqrt"``
+        the next perturbation's radius is ``rho / sqrt(ascent_fraction)``.
     """
 
     count: jax.Array
     base_state: optax.OptState
     ascent_grad: optax.Updates
+    ascent_fraction: jax.Array
+
+
+RHO_SCALINGS = ("sqrt", "none")
 
 
 def async_sam(
@@ -35,6 +42,7 @@ def async_sam(
     eta: float | jax.Array = 0.01,
     mask: _perturb.Mask | None = None,
     eps: float | jax.Array = 1e-12,
+    rho_scaling: str = "sqrt",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Asynchronous SAM: perturb along the previous step's ascent gradient.
 
@@ -60,12 +68,31 @@ def async_sam(
     the ascent on the slow device hides behind the descent on the fast one.
     ``grad_fn(params, 0)`` returns the descent gradient, on the full batch.
 
-    ``update(updates, state, params, *, grad_fn, **extra_args)`` takes
-    ``grad_fn(params, i)`` keyword-only, with the signature of
-    ``optax.contrib.sam``'s opaque mode; it is called once per step, with
-    ``i = 0``. Extra arguments other than ``grad_fn`` are forwarded to ``base``
-    (which ignores those it does not know). The stored ascent gradient is cast
-    to each parameter's dtype.
+    **A small ascent batch gets a larger radius** (``rho_scaling="sqrt"``,
+    the default). The gradient of ``b'`` examples is the batch gradient plus
+    noise whose norm grows like ``1/sqrt(b')``; normalised, its component
+    along the batch gradient shrinks, and so does SAM's effect. samx
+    perturbs by ``rho / sqrt(b'/b)`` instead of ``rho``::
+
+      e = rho / sqrt(ascent_fraction) * a_prev / (||a_prev|| + eps)
+
+    where ``ascent_fraction = b'/b`` is the fraction of the batch that
+    ``a_prev`` came from, passed to ``update`` by samx's loops (the Trainer,
+    the Flax helpers) and stored with ``a_prev``. With ``rho`` set to SAM's
+    own best radius this kept SAM's accuracy down to ``b' = b/32`` on two
+    datasets, where the unscaled radius kept half of SAM's gain
+    (``benchmarks/frontier.py``, :doc:`/frontier`). At ``b' = b`` nothing
+    changes; ``rho_scaling="none"`` is the paper's rule at every ``b'``.
+
+    ``update(updates, state, params, *, grad_fn, ascent_fraction=None,
+    **extra_args)`` takes ``grad_fn(params, i)`` keyword-only, with the
+    signature of ``optax.contrib.sam``'s opaque mode; it is called once per
+    step, with ``i = 0``. ``ascent_fraction`` is ``b'/b`` for ``updates``; when
+    None it is read from ``grad_fn.ascent_fraction`` (the ``grad_fn`` of
+    :func:`samx.flax.nnx_grads` carries it) and is otherwise 1, so a loop of
+    your own with ``b' < b`` passes it. Extra arguments other than these are
+    forwarded to ``base`` (which ignores those it does not know). The stored
+    ascent gradient is cast to each parameter's dtype.
 
     **Non-finite ascent gradients.** A stored gradient with a NaN or an
     infinity in any entry (after the cast: also one that overflows the
@@ -99,6 +126,8 @@ def async_sam(
         ``static_args``.
       eps: added to the gradient norm, ``>= 0``, so that a zero gradient gives a
         zero perturbation rather than NaN.
+      rho_scaling: ``"sqrt"`` (the radius is ``rho / sqrt(b'/b)``) or
+        ``"none"`` (``rho`` at every ``b'``, the paper's rule).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`. Its state is a
@@ -117,10 +146,11 @@ def async_sam(
       ...     grads = jax.grad(loss)(params, small)
       ...     updates, state = tx.update(
       ...         grads, state, params,
-      ...         grad_fn=lambda p, i: jax.grad(loss)(p, batch))
+      ...         grad_fn=lambda p, i: jax.grad(loss)(p, batch),
+      ...         ascent_fraction=2 / 4)  # b'/b: the radius is rho * sqrt(2)
       ...     params = optax.apply_updates(params, updates)
-      >>> params["w"].round(4)
-      Array([0.0993, 0.0993, 0.0975, 0.0975], dtype=float32)
+      >>> [round(float(w), 4) for w in params["w"]]
+      [0.1, 0.1, 0.0975, 0.0975]
 
     References:
       Jo, Lim, Lee, `Asynchronous Sharpness-Aware Minimization For Fast and
@@ -131,6 +161,12 @@ def async_sam(
     _checks.check_perturbation_args(
         fn, rho=rho, eps=eps, adaptive=adaptive, eta=eta, mask=mask
     )
+    if not isinstance(rho_scaling, str) or rho_scaling not in RHO_SCALINGS:
+        raise ValueError(
+            f"`{fn}(rho_scaling=...)` must be 'sqrt' (the radius grows as"
+            " rho / sqrt(b'/b) for an ascent batch of b' of the b examples) or"
+            f" 'none', got {rho_scaling!r}."
+        )
 
     def init_fn(params: optax.Params) -> AsyncSAMState:
         _checks.require_params(fn, params, "init")
@@ -138,6 +174,7 @@ def async_sam(
             count=jnp.zeros((), jnp.int32),
             base_state=base.init(params),
             ascent_grad=optax.tree.zeros_like(params),
+            ascent_fraction=jnp.ones((), jnp.float32),
         )
 
     def update_fn(
@@ -146,12 +183,19 @@ def async_sam(
         params: optax.Params | None = None,
         *,
         grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
+        ascent_fraction: float | jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AsyncSAMState]:
         _checks.check_state(fn, state, AsyncSAMState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)
         _checks.check_like_params(fn, "`updates`", updates, params)
+        if ascent_fraction is None:
+            ascent_fraction = getattr(grad_fn, "ascent_fraction", 1.0)
+        check_ascent_fraction(f"{fn}(...).update", ascent_fraction)
+        scale = 1.0
+        if rho_scaling == "sqrt":
+            scale = jax.lax.rsqrt(state.ascent_fraction)
         perturbed = _perturb.perturbed_params(
             fn,
             params,
@@ -162,6 +206,7 @@ def async_sam(
             adaptive=adaptive,
             eta=eta,
             mask=mask,
+            scale=scale,
         )
         descent = grad_fn(perturbed, 0)
         _checks.check_like_params(fn, "the result of `grad_fn`", descent, params)
@@ -175,6 +220,18 @@ def async_sam(
             count=_perturb.increment(state.count),
             base_state=base_state,
             ascent_grad=ascent_grad,
+            ascent_fraction=jnp.asarray(ascent_fraction, jnp.float32),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_ascent_fraction(fn: str, value: Any) -> None:
+    """Checks ``ascent_fraction``: a number in ``(0, 1]`` (not when traced)."""
+    _checks.check_scalar(fn, "ascent_fraction", value, allow_schedule=False)
+    if not isinstance(value, jax.core.Tracer) and not 0 < float(value) <= 1:
+        raise ValueError(
+            f"`{fn}(ascent_fraction=...)` is b'/b, the fraction of the descent"
+            f" batch that the ascent gradient `updates` came from: a number in"
+            f" (0, 1], got {value}."
+        )

@@ -205,12 +205,14 @@ def perturbed_params(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     mask: Mask | None = None,
+    scale: Any = 1.0,
 ) -> Any:
-    """``params + e(direction)``, with ``rho`` evaluated at ``count``."""
+    """``params + e(direction)``; ``rho`` evaluated at ``count``, times ``scale``."""
+    dtype = compute_dtype(params)
     e = perturbation(
         direction,
         params,
-        hparam_value(rho, count, compute_dtype(params)),
+        hparam_value(rho, count, dtype) * jnp.asarray(scale, dtype),
         eps=eps,
         adaptive=adaptive,
         eta=eta,

@@ -319,6 +319,36 @@ def select_batches(
     return {e.index: roles[e.batch] for e in plan.evaluations}
 
 
+def leading_size(tree: Any) -> int:
+    """The leading (batch) size of the first leaf of ``tree``."""
+    return int(jnp.shape(jax.tree.leaves(tree)[0])[0])
+
+
+def update_args(
+    plan: EvaluationPlan, batch_size: int, ascent_batch_size: int | None
+) -> dict[str, float]:
+    """The keyword arguments of ``tx.update`` that only the loop knows.
+
+    A plan with an ascent batch (AsyncSAM) gets ``ascent_fraction = b'/b``,
+    the share of the descent batch that ``updates`` was computed on, which
+    sets the radius of the next perturbation (``rho / sqrt(b'/b)``, see
+    :func:`samx.async_sam`). Other plans get nothing.
+
+    Args:
+      plan: the step's plan.
+      batch_size: ``b``, the leading size of the step's batch.
+      ascent_batch_size: ``b'``; None for the whole batch.
+
+    Returns:
+      ``{"ascent_fraction": b'/b}`` or ``{}``: Python numbers, static under
+      ``jit``.
+    """
+    if not plan.uses(ASCENT):
+        return {}
+    size = batch_size if ascent_batch_size is None else ascent_batch_size
+    return {"ascent_fraction": size / batch_size}
+
+
 def grad_fn_points(
     tx: Any, updates: Any, opt_state: Any, params: Any, **extra_args: Any
 ) -> dict[int, Any]:

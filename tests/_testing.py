@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import math
 import re
 
 import jax
@@ -103,11 +104,13 @@ def pure_step(tx, method, loss, ascent, pairing="paired"):
         perturbed = prev if pairing == "paired" else batch
         if method == "async_sam":
             small = jax.tree.map(lambda x: x[:ascent], batch)
+            size = jax.tree.leaves(batch)[0].shape[0]
             updates, state = tx.update(
                 grad(params, small),
                 state,
                 params,
                 grad_fn=lambda p, i: grad(p, perturbed),
+                ascent_fraction=min(ascent, size) / size,
             )
         elif method == "sampa":
             pair = (perturbed, batch)
@@ -123,22 +126,28 @@ def pure_step(tx, method, loss, ascent, pairing="paired"):
     return step
 
 
-def async_sam_reference(base, params, loss, batches, *, rho, ascent, pairing):
+def async_sam_reference(
+    base, params, loss, batches, *, rho, ascent, pairing, scaling="sqrt"
+):
     """AsyncSAM as ALGORITHMS.md writes it, without samx: the trajectory.
 
-    Step t: ``a_t = grad L(x_t; B_t[:ascent])``; ``d_t = grad L(x_t + rho
+    Step t: ``a_t = grad L(x_t; B_t[:ascent])``; ``d_t = grad L(x_t + r
     a_{t-1} / (||a_{t-1}|| + 1e-12); D_t)`` with ``D_t = B_{t-1}`` (paired,
     ``B_{-1} = B_0``) or ``B_t`` (unpaired); ``x_{t+1} = x_t +
-    base.update(d_t)``; ``a_{-1} = 0``.
+    base.update(d_t)``; ``a_{-1} = 0``. The radius ``r`` is ``rho *
+    sqrt(b / b')`` (``scaling="sqrt"``, b' = ``ascent`` of the b examples) or
+    ``rho`` (``"none"``).
     """
     grad = jax.grad(loss)
+    size = jax.tree.leaves(batches[0])[0].shape[0]
+    radius = rho * (math.sqrt(size / min(ascent, size)) if scaling == "sqrt" else 1)
 
     @jax.jit
     def step(params, state, previous, descent_batch, batch):
         a = grad(params, jax.tree.map(lambda x: x[:ascent], batch))
         norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(previous)))
         point = jax.tree.map(
-            lambda p, g: p + rho * g / (norm + 1e-12), params, previous
+            lambda p, g: p + radius * g / (norm + 1e-12), params, previous
         )
         updates, state = base.update(grad(point, descent_batch), state, params)
         return optax.apply_updates(params, updates), state, a

@@ -93,10 +93,15 @@ def reference_run(tx, method, loss, params, stats, batches, pairing="paired"):
             (value, new_stats), updates = vg(params, stats, batch)
             if method == "plain":
                 kept["stats"], kept["loss"] = new_stats, value
+        extra = {}
+        if method == "async_sam":  # b'/b: AsyncSAM's radius is rho / sqrt(b'/b)
+            extra["ascent_fraction"] = 8 / jax.tree.leaves(batch)[0].shape[0]
         if method == "plain":
             u, opt_state = tx.update(updates, opt_state, params)
         else:
-            u, opt_state = tx.update(updates, opt_state, params, grad_fn=grad_fn)
+            u, opt_state = tx.update(
+                updates, opt_state, params, grad_fn=grad_fn, **extra
+            )
         params = optax.apply_updates(params, u)
         stats = kept["stats"]
         prev = batch

@@ -232,8 +232,9 @@ def test_model_state_comes_from_the_descent_pass_only():
         for _ in range(3):
             state, _ = trainer.step(state, batch)
             g = jax.grad(lambda q: loss_fn(q, {"seen": 0.0}, batch)[0])(pure)
+            fraction = {"ascent_fraction": 2 / 4} if name == "async_sam" else {}
             updates, pure_state = tx.update(
-                g, pure_state, pure, grad_fn=grad_fn_for(batch)
+                g, pure_state, pure, grad_fn=grad_fn_for(batch), **fraction
             )
             pure = optax.apply_updates(pure, updates)
             np.testing.assert_allclose(state.model_state["seen"], seen[-1], rtol=1e-6)

@@ -194,7 +194,14 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
             def gradient(e, point):
                 return grad(point, batches[e.index])
 
-        updates, opt_state = _plan.plan_update(plan, tx, params, opt_state, gradient)
+        updates, opt_state = _plan.plan_update(
+            plan,
+            tx,
+            params,
+            opt_state,
+            gradient,
+            **_plan.update_args(plan, size, method.ascent_batch_size(size)),
+        )
         params = optax.apply_updates(params, updates)
         return (params, opt_state, batch), None
 

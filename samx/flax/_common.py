@@ -201,6 +201,9 @@ class DescentGradFn:
       method: the method found in the optimizer state: ``"sam"``,
         ``"async_sam"``, ``"sampa"`` or ``"plain"``.
       plan: its :class:`samx.EvaluationPlan`.
+      ascent_fraction: AsyncSAM's ``b'/b``, which :func:`samx.async_sam`
+        reads from its ``grad_fn`` (its perturbation radius depends on it);
+        absent for the other methods.
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class DescentGradFn:
         batches: dict[int | None, Any],
         has_aux: bool,
         on_descent: Callable[[Any], None] | None,
+        update_args: dict[str, float] | None = None,
     ):
         self._fn = fn
         self.plan = plan
@@ -223,6 +227,8 @@ class DescentGradFn:
         self._loss: Any = _MISSING
         self._aux: Any = None
         self._model_state: Any = _MISSING
+        for name, value in (update_args or {}).items():
+            setattr(self, name, value)
 
     def __call__(self, params: Any, i: int) -> Any:
         return self.evaluate(self.plan.grad_fn[i], params)
@@ -323,7 +329,13 @@ def step_grads(
         ascent_batch_size=ascent_batch_size,
         ascent_batch=ascent_batch,
     )
-    grad_fn = DescentGradFn(fn, plan, pass_fn, batches, has_aux, on_descent)
+    ascent_size = None if plan.updates is None else batches[plan.updates.index]
+    update_args = _plan.update_args(
+        plan, size, None if ascent_size is None else _plan.leading_size(ascent_size)
+    )
+    grad_fn = DescentGradFn(
+        fn, plan, pass_fn, batches, has_aux, on_descent, update_args
+    )
     if plan.updates is None:
         return jax.tree.map(jnp.zeros_like, params), grad_fn
     return grad_fn.evaluate(plan.updates, params), grad_fn

@@ -315,6 +315,7 @@ class Trainer:
         # AsyncSAM's ascent gradients, one per process, are averaged.
         self._multiprocess = self.mesh is not None and self.mesh.is_multi_process
         self._compiled: dict[str, Callable] = {}
+        self._update_args: dict[str, float] = {}  # set by step, read by the jits
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
         self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
@@ -455,6 +456,9 @@ class Trainer:
                 f"`Trainer(ascent_batch_size={self.ascent_batch_size})` is larger"
                 f" than the batch ({size})."
             )
+        # Read when the jitted pieces trace; the batch size is the same at
+        # every step (checked against the kept batch below).
+        self._update_args = _plan.update_args(plan, size, self.ascent_batch_size)
         batch_d = self._put_batch(fn, batch)
         prev = state.prev_batch
         if prev is not None:
@@ -518,7 +522,12 @@ class Trainer:
             return outputs[e.index][2]
 
         updates, opt_state = _plan.plan_update(
-            self._plan, self.tx, state.params, state.opt_state, gradient
+            self._plan,
+            self.tx,
+            state.params,
+            state.opt_state,
+            gradient,
+            **self._update_args,
         )
         return self._finish(state, updates, opt_state, outputs)
 
@@ -530,6 +539,7 @@ class Trainer:
             state.params,
             state.opt_state,
             lambda e, p: outputs[e.index][2],
+            **self._update_args,
         )
 
     def _vmapped(self, state, prev, batch):
