@@ -227,11 +227,11 @@ def async_sam(
 
 
 def check_ascent_fraction(fn: str, value: Any) -> None:
-    """Checks ``ascent_fraction``: a number in ``(0, 1]`` (not when traced)."""
+    """Checks ``ascent_fraction``: a finite number ``> 0`` (not when traced)."""
     _checks.check_scalar(fn, "ascent_fraction", value, allow_schedule=False)
-    if not isinstance(value, jax.core.Tracer) and not 0 < float(value) <= 1:
+    if not isinstance(value, jax.core.Tracer) and not float(value) > 0:
         raise ValueError(
             f"`{fn}(ascent_fraction=...)` is b'/b, the fraction of the descent"
-            f" batch that the ascent gradient `updates` came from: a number in"
-            f" (0, 1], got {value}."
+            f" batch that the ascent gradient `updates` came from: a number > 0"
+            f" (at most 1 when the ascent batch is part of it), got {value}."
         )

@@ -256,3 +256,169 @@ def test_updates_with_a_wrong_shape_names_the_leaf():
         ValueError, match=re.escape("`updates` leaf ['w'] has shape (3,)")
     ):
         tx.update({"w": jnp.ones(3)}, tx.init(params), params, grad_fn=lambda p, i: p)
+
+
+# ------------------------------------------- the radius at small ascent batches
+
+# b' of the 16 examples at each step: the radius of step t follows b'_{t-1}.
+ASCENT_SIZES = [2, 8, 4, 16, 1, 2, 8, 4, 16, 1, 2, 4]
+
+
+def _scaled_reference(params, loss, batches, *, rho, lr, scaling, adaptive):
+    """AsyncSAM with the radius ``rho * sqrt(b / b'_{t-1})``, in NumPy, no samx.
+
+    SGD without momentum; ``a_t`` on the first ``b'_t`` examples of ``B_t``,
+    the descent on ``B_t`` at ``x_t + r_t T^2 a_{t-1} / ||T a_{t-1}||``
+    (``T = |x| + 0.01`` on the weight matrices with ``adaptive``, else 1).
+    """
+    grad = jax.grad(loss)
+    to_np = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    x, prev, prev_fraction = to_np(params), None, 1.0
+    out = []
+    for batch, size in zip(batches, ASCENT_SIZES, strict=True):
+        b = batch["x"].shape[0]
+        small = jax.tree.map(lambda v, n=size: v[:n], batch)
+        a = to_np(grad(jax.tree.map(jnp.float32, x), small))
+        if prev is None:
+            point = x
+        else:
+            t = jax.tree.map(
+                lambda p: np.abs(p) + 0.01 if adaptive and p.ndim >= 2 else 1.0 + 0 * p,
+                x,
+            )
+            ta = jax.tree.map(np.multiply, t, prev)
+            norm = np.sqrt(sum(np.sum(v**2) for v in jax.tree.leaves(ta)))
+            r = rho / np.sqrt(prev_fraction) if scaling == "sqrt" else rho
+            point = jax.tree.map(
+                lambda p, tt, g, r=r, norm=norm: p + r * tt * g / norm, x, t, ta
+            )
+        d = to_np(grad(jax.tree.map(jnp.float32, point), batch))
+        x = jax.tree.map(lambda p, g: p - lr * g, x, d)
+        prev, prev_fraction = a, size / b
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("scaling", ["sqrt", "none"])
+def test_rho_scaling_equals_a_hand_written_reference_as_b_prime_changes(
+    scaling, adaptive
+):
+    params, loss, sample = mlp_problem(jax.random.key(3), batch=16)
+    batches = [sample(k) for k in jax.random.split(jax.random.key(4), 12)]
+    rho = 0.5 if adaptive else 0.05
+    tx = samx.async_sam(optax.sgd(0.1), rho=rho, adaptive=adaptive, rho_scaling=scaling)
+    grad = jax.grad(loss)
+    state = tx.init(params)
+    expected = _scaled_reference(
+        params, loss, batches, rho=rho, lr=0.1, scaling=scaling, adaptive=adaptive
+    )
+    for t, (batch, size) in enumerate(zip(batches, ASCENT_SIZES, strict=True)):
+        small = jax.tree.map(lambda v, n=size: v[:n], batch)
+        updates, state = tx.update(
+            grad(params, small),
+            state,
+            params,
+            grad_fn=lambda p, i, batch=batch: grad(p, batch),
+            ascent_fraction=size / 16,
+        )
+        params = optax.apply_updates(params, updates)
+        for x, y in zip(
+            jax.tree.leaves(params), jax.tree.leaves(expected[t]), strict=True
+        ):
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6, err_msg=f"step {t}")
+
+
+def test_the_radius_grows_as_one_over_the_root_of_the_fraction():
+    # On f(x) = x . c the descent point is x + r c / |c|: r read off directly.
+    c = jnp.array([3.0, 4.0])
+    seen = []
+    tx = samx.async_sam(optax.sgd(0.0), rho=0.1)
+    state = tx.init(jnp.zeros(2))
+    for fraction in (0.25, 1 / 16, 1.0, 0.5):
+        _, state = tx.update(
+            c,
+            state,
+            jnp.zeros(2),
+            grad_fn=lambda p, i: seen.append(float(jnp.linalg.norm(p))) or c,
+            ascent_fraction=fraction,
+        )
+    # The first step is unperturbed; then the radius of the previous fraction.
+    np.testing.assert_allclose(seen, [0.0, 0.2, 0.4, 0.1], rtol=1e-6)
+
+
+def test_rho_zero_with_a_small_ascent_batch_is_exactly_the_base():
+    params, loss, sample = mlp_problem(jax.random.key(0))
+    batches = [sample(k) for k in jax.random.split(jax.random.key(1), 10)]
+    grad = jax.grad(loss)
+    tx = samx.async_sam(optax.sgd(0.1, momentum=0.9), rho=0.0)
+
+    @jax.jit
+    def step(p, state, batch):
+        updates, state = tx.update(
+            grad(p, _quarter(batch)),
+            state,
+            p,
+            grad_fn=lambda q, i: grad(q, batch),
+            ascent_fraction=0.25,
+        )
+        return optax.apply_updates(p, updates), state
+
+    state, p = tx.init(params), params
+    for batch in batches:
+        p, state = step(p, state, batch)
+    expected = plain_trajectory(optax.sgd(0.1, momentum=0.9), params, loss, batches)
+    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(expected[-1]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_ascent_fraction_is_read_from_grad_fn_when_not_passed():
+    class GradFn:
+        ascent_fraction = 0.25
+
+        def __call__(self, p, i):
+            seen.append(float(jnp.linalg.norm(p)))
+            return jnp.ones(2)
+
+    seen = []
+    tx = samx.async_sam(optax.sgd(0.0), rho=0.1)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(2):
+        _, state = tx.update(jnp.ones(2), state, jnp.zeros(2), grad_fn=GradFn())
+    np.testing.assert_allclose(seen, [0.0, 0.2], rtol=1e-6)
+    assert float(state.ascent_fraction) == 0.25
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rho_scaling": "linear"}, r"rho_scaling=\.\.\.\)` must be 'sqrt'"),
+        ({"rho_scaling": None}, r"rho_scaling=\.\.\.\)` must be 'sqrt'"),
+    ],
+)
+def test_bad_rho_scaling_is_named_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        samx.async_sam(optax.sgd(0.1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (0.0, ValueError),
+        (-0.5, ValueError),
+        (float("nan"), ValueError),
+        ("1/4", TypeError),
+        (np.ones(2), TypeError),
+    ],
+)
+def test_bad_ascent_fraction_is_named(value, error):
+    tx = samx.async_sam(optax.sgd(0.1))
+    state = tx.init(jnp.zeros(2))
+    with pytest.raises(error, match=r"ascent_fraction=\.\.\.\)`"):
+        tx.update(
+            jnp.ones(2),
+            state,
+            jnp.zeros(2),
+            grad_fn=lambda p, i: p,
+            ascent_fraction=value,
+        )

@@ -436,3 +436,26 @@ def test_loss_must_be_a_scalar_and_callable():
         Trainer(TRANSFORMS["sam"](), lambda p, s, b: (0.0, s), has_state=True).init(
             params
         )
+
+
+def test_async_sam_unscaled_radius_equals_the_reference_on_two_devices():
+    # rho_scaling="none": the paper's radius at every b' (b' = ASCENT < 32).
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=32)
+    batches = _numpy_batches(sample, 10)
+    base = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
+    trainer = Trainer(
+        samx.async_sam(base(), rho=0.05, rho_scaling="none"),
+        loss,
+        descent_device=CPU0,
+        ascent_device=CPU1,
+        ascent_batch_size=ASCENT,
+    )
+    kwargs = dict(rho=0.05, ascent=ASCENT, pairing="paired")
+    expected = async_sam_reference(
+        base(), params, loss, batches, **kwargs, scaling="none"
+    )
+    _assert_trajectory(
+        trainer, batches, {"params0": params, "trajectory": expected}, True, "async_sam"
+    )
+    scaled = async_sam_reference(base(), params, loss, batches, **kwargs)
+    assert np.abs(scaled[-1]["layer0"]["w"] - expected[-1]["layer0"]["w"]).max() > 1e-4
