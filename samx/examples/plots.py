@@ -89,3 +89,77 @@ def final_accuracy(results: dict, path: str, title: str = "") -> None:
 def _save(fig, path: str) -> None:
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
+
+
+_FAMILIES = (  # name prefix, legend, colour, marker; the first that matches
+    ("async_sam_", "AsyncSAM, rho / sqrt(b'/b) (default)", "tab:blue", "o"),
+    ("sam_subset_", "SAM, ascent on b'", "tab:green", "s"),
+    ("sam_every_", "SAM every k steps", "tab:purple", "D"),
+    ("sgd", "SGD", "black", "x"),
+    ("optax_sam", "optax.contrib.sam", "tab:gray", "+"),
+    ("sam", "SAM", "tab:red", "*"),
+)
+
+
+def _family(name: str) -> tuple[str, str, str]:
+    if name.startswith("async_sam_") and name.endswith("_unscaled"):
+        return "AsyncSAM, rho at every b' (paper)", "tab:orange", "o"
+    if name.startswith("sam_subset_") and name.endswith("_scaled"):
+        return "SAM, ascent on b', rho / sqrt(b'/b)", "tab:olive", "s"
+    return next(f[1:] for f in _FAMILIES if name.startswith(f[0]))
+
+
+def _frontier_panel(ax, record: dict, dataset: str, noise: str) -> None:
+    results, cost = record["results"][dataset][noise], record["cost"][dataset]
+    seen = set()
+    for name, r in results.items():
+        label, colour, marker = _family(name)
+        ax.errorbar(
+            cost[name],
+            r["mean"],
+            yerr=r["std"],
+            fmt=marker,
+            color=colour,
+            capsize=2,
+            label=None if label in seen else label,
+        )
+        seen.add(label)
+        fraction = record["ascent_fraction"][name]
+        if fraction < 1:
+            ax.annotate(
+                f"b/{round(1 / fraction)}",
+                (cost[name], r["mean"]),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+                color=colour,
+            )
+    ax.set_title(f"{dataset}, {float(noise):.0%} label noise", fontsize=10)
+    ax.set_xlabel("time per step relative to SGD (one device)")
+    ax.set_ylabel("test accuracy (mean ± std)")
+    ax.grid(alpha=0.3)
+
+
+def frontier(record: dict, path: str) -> None:
+    """Accuracy against cost, one panel per dataset and noise level.
+
+    ``record`` is ``benchmarks/frontier.py``'s: ``results[dataset][noise]
+    [method]`` with ``mean`` and ``std``, ``cost[dataset][method]`` (time per
+    step relative to SGD) and ``ascent_fraction[method]``.
+    """
+    plt = _pyplot()
+    panels = [(d, n) for d, by_noise in record["results"].items() for n in by_noise]
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False
+    )
+    for ax, (dataset, noise) in zip(axes.flat, panels, strict=False):
+        _frontier_panel(ax, record, dataset, noise)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

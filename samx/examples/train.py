@@ -11,7 +11,7 @@ batch (the current one at the first step).
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,11 @@ class Method:
         ``vmap``-ed call.
       convention: the plan's method for a transform samx does not recognise
         from its state (``"sam"`` for ``optax.contrib.sam`` in opaque mode).
+      ascent_subset: SAM whose ascent (``updates``) sees only the first ``b'``
+        examples (``ascent_fraction``) and whose descent sees all ``b``: a
+        comparator without staleness (``benchmarks/frontier.py``).
+      every: SAM's step every ``every``-th step (from step 0), a plain step of
+        its base in between: a comparator (``benchmarks/frontier.py``).
     """
 
     name: str
@@ -52,6 +57,8 @@ class Method:
     pairing: str = "paired"
     fused: bool = False
     convention: str | None = None
+    ascent_subset: bool = False
+    every: int = 1
 
     def plan(self, opt_state: Any) -> _plan.EvaluationPlan:
         """The evaluation plan of this method's transform."""
@@ -179,10 +186,26 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
     def step(carry, batch):
         params, opt_state, prev_batch = carry
         plan = method.plan(opt_state)
+        if method.every > 1:
+            return _every(plan, method.every, full_step, plain_step)(carry, batch)
+        return full_step(carry, batch)
+
+    def plain_step(carry, batch):
+        """A step of the base alone: SAM fed the gradient at ``params`` twice."""
+        params, opt_state, _ = carry
+        g = grad(params, batch)
+        updates, opt_state = tx.update(g, opt_state, params, grad_fn=lambda p, i: g)
+        return (optax.apply_updates(params, updates), opt_state, batch), None
+
+    def full_step(carry, batch):
+        params, opt_state, prev_batch = carry
+        plan = method.plan(opt_state)
         size = jax.tree.leaves(batch)[0].shape[0]
         batches = _plan.select_batches(
             plan, batch, prev_batch, ascent_batch_size=method.ascent_batch_size(size)
         )
+        if method.ascent_subset:
+            batches[None] = _plan.ascent_subset(batch, method.ascent_batch_size(size))
         if method.fused:  # the independent gradients in one vmap-ed call
             points = _plan.evaluation_points(plan, tx, params, opt_state)
             grads = _plan.stacked_call(grad, points, batches)
@@ -204,6 +227,18 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
         )
         params = optax.apply_updates(params, updates)
         return (params, opt_state, batch), None
+
+    return step
+
+
+def _every(plan, every, full_step, plain_step):
+    """``full_step`` at the steps ``count % every == 0``, else ``plain_step``."""
+    if plan.method != "sam":
+        raise ValueError(f"`Method(every=...)` is for samx.sam, got {plan.method!r}.")
+
+    def step(carry, batch):
+        count = carry[1].count  # SAMState's, before this step
+        return jax.lax.cond(count % every == 0, full_step, plain_step, carry, batch)
 
     return step
 
@@ -238,7 +273,26 @@ class RunResult:
     curve: list[tuple[float, float]]
 
 
-def train_classifier(
+class CompiledRun(NamedTuple):
+    """A training run, compiled and not started (:func:`compile_run`).
+
+    Attributes:
+      carry: ``(params, opt_state, prev_batch)`` before the first step.
+      run_epoch: ``run_epoch(carry, order) -> (carry, None)``, one epoch: a
+        compiled ``lax.scan`` over the batches of the permutation ``order``.
+      evaluate: ``evaluate(params) -> test accuracy``, compiled.
+      orders: one permutation of the training examples per epoch.
+      steps_per_epoch: the number of steps of an epoch.
+    """
+
+    carry: Any
+    run_epoch: Callable[[Any, Any], Any]
+    evaluate: Callable[[Any], jax.Array]
+    orders: list[np.ndarray]
+    steps_per_epoch: int
+
+
+def compile_run(
     method: Method,
     data,
     *,
@@ -247,18 +301,17 @@ def train_classifier(
     batch_size: int = 64,
     hidden: tuple[int, ...] = (128, 128),
     learning_rate: float = 0.01,
-    on_epoch: Callable[[], None] | None = None,
-) -> RunResult:
-    """Trains the MLP on ``data`` (a :class:`samx.examples.data.Dataset`).
+) -> CompiledRun:
+    """The MLP on ``data`` (a :class:`samx.examples.data.Dataset`), compiled.
 
-    Every method sees the same initialisation and batch order for a seed. An
-    epoch is one jitted ``lax.scan`` over its batches; it is compiled before
-    the clock starts.
+    Every method sees the same initialisation and batch order for a seed; the
+    number of classes is read from the labels.
     """
     n = data.x_train.shape[0]
     steps_per_epoch = n // batch_size
+    classes = int(max(data.y_train.max(), data.y_test.max())) + 1
     key = jax.random.key(seed)
-    params = models.init_mlp(key, (data.x_train.shape[1], *hidden, 10))
+    params = models.init_mlp(key, (data.x_train.shape[1], *hidden, classes))
     tx = method.wrap(base_optimizer(learning_rate, epochs * steps_per_epoch))
     step = make_step(method, classification_loss, tx)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -274,22 +327,66 @@ def train_classifier(
     first = {"x": x_train[orders[0][:batch_size]], "y": y_train[orders[0][:batch_size]]}
     carry = (params, tx.init(params), first)
     run_epoch = jax.jit(epoch).lower(carry, orders[0]).compile()
-    evaluate = jax.jit(accuracy).lower(params, x_test, y_test).compile()
+    test_accuracy = jax.jit(accuracy).lower(params, x_test, y_test).compile()
+    return CompiledRun(
+        carry=carry,
+        run_epoch=run_epoch,
+        evaluate=lambda p: test_accuracy(p, x_test, y_test),
+        orders=orders,
+        steps_per_epoch=steps_per_epoch,
+    )
 
-    seconds, curve = 0.0, []
-    for order in orders:
+
+def train_classifier(
+    method: Method,
+    data,
+    *,
+    seed: int,
+    epochs: int,
+    batch_size: int = 64,
+    hidden: tuple[int, ...] = (128, 128),
+    learning_rate: float = 0.01,
+    on_epoch: Callable[[], None] | None = None,
+) -> RunResult:
+    """Trains the MLP on ``data`` (a :class:`samx.examples.data.Dataset`).
+
+    Every method sees the same initialisation and batch order for a seed. An
+    epoch is one jitted ``lax.scan`` over its batches; it is compiled before
+    the clock starts (:func:`compile_run`).
+    """
+    run = compile_run(
+        method,
+        data,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        hidden=hidden,
+        learning_rate=learning_rate,
+    )
+    return train_compiled(method.name, seed, run, on_epoch=on_epoch)
+
+
+def train_compiled(
+    name: str,
+    seed: int,
+    run: CompiledRun,
+    on_epoch: Callable[[], None] | None = None,
+) -> RunResult:
+    """Trains a :func:`compile_run` run from its start, every epoch timed."""
+    carry, seconds, curve = run.carry, 0.0, []
+    for order in run.orders:
         start = time.perf_counter()
-        carry, _ = run_epoch(carry, order)
+        carry, _ = run.run_epoch(carry, order)
         jax.block_until_ready(carry)
         seconds += time.perf_counter() - start
-        curve.append((seconds, float(evaluate(carry[0], x_test, y_test))))
+        curve.append((seconds, float(run.evaluate(carry[0]))))
         if on_epoch is not None:
             on_epoch()
     return RunResult(
-        method=method.name,
+        method=name,
         seed=seed,
         test_accuracy=curve[-1][1],
         train_seconds=seconds,
-        steps=epochs * steps_per_epoch,
+        steps=len(run.orders) * run.steps_per_epoch,
         curve=curve,
     )
