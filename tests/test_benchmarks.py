@@ -6,10 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import frontier  # noqa: E402
 import heterogeneous  # noqa: E402
 import memory  # noqa: E402
 import runtime_overhead  # noqa: E402
@@ -153,3 +155,62 @@ def test_heterogeneous_stops_at_its_budget_and_keeps_what_it_had(tmp_path):
 def test_heterogeneous_rejects_a_budget_that_is_not_positive():
     with pytest.raises(SystemExit):
         heterogeneous.parse_args(["--out", "x", "--budget-s", "0"])
+
+
+# --- benchmarks/frontier.py ------------------------------------------------------
+
+
+def _tiny_japanese_vowels(root: pathlib.Path, n: int = 45) -> None:
+    """A small stand-in for aeon's Japanese Vowels files, in the same format."""
+    rng = np.random.default_rng(0)
+    for split in ("TRAIN", "TEST"):
+        lines = ["# made by the test", "@problemName tiny", "@data"]
+        for i in range(n):
+            label = i % 9 + 1
+            channels = [
+                ",".join(f"{v:.4f}" for v in rng.normal(label / 9, 1.0, 25))
+                for _ in range(12)
+            ]
+            lines.append(":".join([*channels, str(label)]))
+        (root / f"JapaneseVowels_eq_{split}.ts").write_text("\n".join(lines) + "\n")
+
+
+def test_frontier_quick_writes_the_json_the_table_and_the_plot(tmp_path):
+    jv = tmp_path / "jv"
+    jv.mkdir()
+    _tiny_japanese_vowels(jv)
+    out = tmp_path / "out"
+    record = frontier.main(["--quick", "--out", str(out), "--jv-root", str(jv)])
+    assert {p.name for p in out.iterdir()} == {
+        "frontier.json",
+        "frontier.md",
+        "frontier.png",
+    }
+    assert json.loads((out / "frontier.json").read_text())["labels"] == record["labels"]
+    assert set(record["results"]) == {"digits", "japanese_vowels"}
+    for name, by_noise in record["results"].items():
+        assert set(record["cost"][name]) == set(frontier.QUICK)
+        assert record["cost"][name]["sgd"] == 1.0
+        for rows in by_noise.values():
+            assert set(rows) == set(frontier.QUICK)
+            for row in rows.values():
+                assert len(row["accuracy"]) == 2
+                assert 0.0 <= row["mean"] <= 1.0
+    table = (out / "frontier.md").read_text()
+    assert "| AsyncSAM (b/4), rho unscaled |" in table
+    assert "### japanese_vowels" in table
+
+
+def test_japanese_vowels_loader_reads_the_ts_files_it_is_given(tmp_path):
+    from samx.examples import data
+
+    _tiny_japanese_vowels(tmp_path, n=30)
+    d = data.load_japanese_vowels(0.4, seed=1, root=tmp_path)
+    assert d.x_train.shape[1] == 12 * 25 and d.x_train.dtype.name == "float32"
+    assert len(d.x_train) + len(d.x_test) == 60
+    assert set(d.y_test) <= set(range(9))
+    flipped = (d.y_train != d.clean_train).mean()
+    assert flipped == pytest.approx(0.4, abs=0.03)
+    with pytest.raises(ValueError, match="no examples after an `@data` line"):
+        (tmp_path / "empty.ts").write_text("@problemName x\n")
+        data.read_ts(tmp_path / "empty.ts")
