@@ -1,8 +1,9 @@
 """Accuracy on noisy digits: every optimizer, noise 0%, 20% and 40%, 5 seeds.
 
 The main job's setting (``python -m samx.examples.compare``) at each noise
-level, plus AsyncSAM unpaired (the ascent of the previous batch perturbing the
-descent on the current one) at b/4 and b; writes
+level, plus AsyncSAM at b/4 with the paper's radius (``rho_scaling="none"``) and
+AsyncSAM unpaired (the ascent of the previous batch perturbing the descent on
+the current one) at b/4 and b; writes
 ``benchmarks/results/accuracy-digits.json`` and prints a table.
 
 Usage: python benchmarks/accuracy.py [--seeds 5] [--epochs 60] [--json PATH]
@@ -17,7 +18,12 @@ from step_time import machine, write_json
 from samx.examples import compare
 from samx.examples.train import ALL, METHODS
 
-OPTIMIZERS = (*METHODS, "async_sam_unpaired", "async_sam_b_unpaired")
+OPTIMIZERS = (
+    *METHODS,
+    "async_sam_unscaled",
+    "async_sam_unpaired",
+    "async_sam_b_unpaired",
+)
 
 
 def main(argv=None) -> dict:

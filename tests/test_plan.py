@@ -50,16 +50,17 @@ def _assert_close(got, want, msg=""):
 
 
 @pytest.mark.parametrize(
-    "name, pairing, ascent",
+    "name, pairing, ascent, scaling",
     [
-        ("async_sam", "paired", BATCH // 4),
-        ("async_sam_b", "paired", BATCH),
-        ("async_sam_unpaired", "unpaired", BATCH // 4),
-        ("async_sam_b_unpaired", "unpaired", BATCH),
+        ("async_sam", "paired", BATCH // 4, "sqrt"),
+        ("async_sam_b", "paired", BATCH, "sqrt"),
+        ("async_sam_unscaled", "paired", BATCH // 4, "none"),
+        ("async_sam_unpaired", "unpaired", BATCH // 4, "sqrt"),
+        ("async_sam_b_unpaired", "unpaired", BATCH, "sqrt"),
     ],
 )
 def test_example_loop_async_sam_equals_the_hand_written_reference(
-    name, pairing, ascent
+    name, pairing, ascent, scaling
 ):
     params, loss, sample = mlp_problem(jax.random.key(0), batch=BATCH)
     batches = _batches(sample)
@@ -73,8 +74,59 @@ def test_example_loop_async_sam_equals_the_hand_written_reference(
         rho=train.SAM_RHO,
         ascent=ascent,
         pairing=pairing,
+        scaling=scaling,
     )
     _assert_close(got, want, name)
+
+
+def _sam_reference(params, loss, batches, *, rho, ascent, every, lr=0.05):
+    """SAM written out, its ascent on the first ``ascent`` examples, taken at
+    the steps ``t % every == 0`` (plain steps between); the example loop's
+    base: coupled decay 5e-4, SGD momentum 0.9, cosine from ``lr`` over 100."""
+    grad = jax.grad(loss)
+    schedule = optax.cosine_decay_schedule(lr, 100)
+
+    @jax.jit
+    def step(params, m, t, batch):
+        g = grad(params, jax.tree.map(lambda x: x[:ascent], batch))
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+        point = jax.tree.map(lambda p, v: p + rho * v / (norm + 1e-12), params, g)
+        d = jax.lax.cond(
+            t % every == 0, lambda: grad(point, batch), lambda: grad(params, batch)
+        )
+        d = jax.tree.map(lambda v, p: v + 5e-4 * p, d, params)
+        m = jax.tree.map(lambda a, v: 0.9 * a + v, m, d)
+        params = jax.tree.map(lambda p, a: p - schedule(t) * a, params, m)
+        return params, m
+
+    m, out = jax.tree.map(jnp.zeros_like, params), []
+    for t, batch in enumerate(batches):
+        params, m = step(params, m, t, batch)
+        out.append(params)
+    return out
+
+
+@pytest.mark.parametrize("ascent_subset, every", [(True, 1), (False, 2), (False, 3)])
+def test_example_loop_sam_comparators_equal_the_hand_written_reference(
+    ascent_subset, every
+):
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=BATCH)
+    batches = _batches(sample)
+    method = train.Method(
+        "c",
+        "comparator",
+        lambda base: samx.sam(base, train.SAM_RHO),
+        2,
+        ascent_fraction=0.25 if ascent_subset else 1.0,
+        ascent_subset=ascent_subset,
+        every=every,
+    )
+    got = _example_loop(method, params, loss, batches)
+    ascent = BATCH // 4 if ascent_subset else BATCH
+    want = _sam_reference(
+        params, loss, batches, rho=train.SAM_RHO, ascent=ascent, every=every
+    )
+    _assert_close(got, want, f"subset={ascent_subset} every={every}")
 
 
 def _sampa_reference(base, params, loss, batches, rho, lam):

@@ -127,8 +127,9 @@ METHODS: dict[str, Method] = {
 
 # Not in the main job's comparison: AsyncSAM with the ascent of the previous
 # batch perturbing the descent on the current one (the paper's literal
-# reading; benchmarks/accuracy.py), and SAMPa's gradients in one vmap-ed call
-# (the same trajectory as "sampa"; benchmarks/step_time.py).
+# reading; benchmarks/accuracy.py), AsyncSAM with the paper's radius at b/4
+# (benchmarks/accuracy.py), and SAMPa's gradients in one vmap-ed call (the
+# same trajectory as "sampa"; benchmarks/step_time.py).
 VARIANTS: dict[str, Method] = {
     m.name: m
     for m in [
@@ -139,6 +140,13 @@ VARIANTS: dict[str, Method] = {
             1,
             ascent_fraction=0.25,
             pairing="unpaired",
+        ),
+        Method(
+            "async_sam_unscaled",
+            "AsyncSAM (b/4), rho unscaled",
+            lambda base: samx.async_sam(base, rho=SAM_RHO, rho_scaling="none"),
+            1,
+            ascent_fraction=0.25,
         ),
         Method(
             "async_sam_b_unpaired",
