@@ -123,7 +123,9 @@ def step_cost(runs: dict, rounds: int, seconds: float) -> dict:
     """Median seconds per step of each compiled run, relative to SGD's.
 
     Each round times every method once, in a shuffled order, for about
-    ``seconds`` (whole epochs); the carry goes on from round to round.
+    ``seconds`` (whole epochs; one epoch at 0): many short samples and their
+    median, which a burst of load on a shared machine moves little. The carry
+    goes on from round to round.
     """
     carries = {m: run.carry for m, run in runs.items()}
     samples = {m: [] for m in runs}
@@ -203,12 +205,12 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--noise", default="0,0.4")
+    p.add_argument("--noise", default="0,0.2,0.4")
     p.add_argument("--datasets", default=",".join(SETTINGS))
     p.add_argument("--epochs", type=int, default=None, help="default: per dataset")
     p.add_argument("--rho", type=float, default=RHO)
-    p.add_argument("--rounds", type=int, default=7, help="timing rounds")
-    p.add_argument("--seconds", type=float, default=0.3, help="per timing sample")
+    p.add_argument("--rounds", type=int, default=100, help="timing rounds")
+    p.add_argument("--seconds", type=float, default=0.0, help="per timing sample")
     p.add_argument("--jv-root", default=None, help="Japanese Vowels .ts folder")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)

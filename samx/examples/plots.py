@@ -125,14 +125,31 @@ def _frontier_panel(ax, record: dict, dataset: str, noise: str) -> None:
         )
         seen.add(label)
         fraction = record["ascent_fraction"][name]
-        if fraction < 1:
+        tag = f"b/{round(1 / fraction)}" if fraction < 1 else ""
+        if name.startswith("sam_every_"):
+            tag = f"k={name.rsplit('_', 1)[1]}"
+        if tag:
             ax.annotate(
-                f"b/{round(1 / fraction)}",
+                tag,
                 (cost[name], r["mean"]),
                 textcoords="offset points",
                 xytext=(4, 3),
                 fontsize=7,
                 color=colour,
+            )
+    for suffix in ("", "_unscaled"):  # each AsyncSAM family as a line, by b/b'
+        names = sorted(
+            (n for n in results if n.startswith("async_sam_") and n.endswith(suffix)),
+            key=lambda n: record["ascent_fraction"][n],
+        )
+        names = [n for n in names if suffix or not n.endswith("_unscaled")]
+        if len(names) > 1:
+            ax.plot(
+                [cost[n] for n in names],
+                [results[n]["mean"] for n in names],
+                color=_family(names[0])[1],
+                alpha=0.35,
+                linewidth=1,
             )
     ax.set_title(f"{dataset}, {float(noise):.0%} label noise", fontsize=10)
     ax.set_xlabel("time per step relative to SGD (one device)")
