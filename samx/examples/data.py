@@ -69,9 +69,27 @@ def load_digits(
       A :class:`Dataset`.
     """
     from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
 
     x, y = _load(return_X_y=True)
+    return split(x, y, 10, noise=noise, seed=seed, test_fraction=test_fraction)
+
+
+def split(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    *,
+    noise: float,
+    seed: int,
+    test_fraction: float,
+) -> Dataset:
+    """A stratified split, standardised features, noise on the training labels.
+
+    The features are standardised with the training statistics; ``seed``
+    seeds the split and then the noise.
+    """
+    from sklearn.model_selection import train_test_split
+
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
@@ -80,7 +98,7 @@ def load_digits(
     rng = np.random.default_rng(seed)
     return Dataset(
         x_train=x_train.astype(np.float32),
-        y_train=symmetric_noise(y_train, noise, 10, rng),
+        y_train=symmetric_noise(y_train, noise, num_classes, rng),
         x_test=x_test.astype(np.float32),
         y_test=y_test.astype(np.int32),
         clean_train=y_train.astype(np.int32),
@@ -178,22 +196,8 @@ def load_japanese_vowels(
     """
     import pathlib
 
-    from sklearn.model_selection import train_test_split
-
     root = pathlib.Path(root) if root is not None else aeon_data_dir("JapaneseVowels")
     parts = [read_ts(root / f"JapaneseVowels_eq_{s}.ts") for s in ("TRAIN", "TEST")]
     x = np.concatenate([p[0] for p in parts]).reshape(-1, parts[0][0][0].size)
     names, y = np.unique(np.concatenate([p[1] for p in parts]), return_inverse=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    rng = np.random.default_rng(seed)
-    return Dataset(
-        x_train=x_train.astype(np.float32),
-        y_train=symmetric_noise(y_train, noise, len(names), rng),
-        x_test=x_test.astype(np.float32),
-        y_test=y_test.astype(np.int32),
-        clean_train=y_train.astype(np.int32),
-    )
+    return split(x, y, len(names), noise=noise, seed=seed, test_fraction=test_fraction)

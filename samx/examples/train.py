@@ -349,29 +349,19 @@ def train_classifier(
     method: Method,
     data,
     *,
-    seed: int,
-    epochs: int,
-    batch_size: int = 64,
-    hidden: tuple[int, ...] = (128, 128),
-    learning_rate: float = 0.01,
     on_epoch: Callable[[], None] | None = None,
+    **settings: Any,
 ) -> RunResult:
     """Trains the MLP on ``data`` (a :class:`samx.examples.data.Dataset`).
 
     Every method sees the same initialisation and batch order for a seed. An
     epoch is one jitted ``lax.scan`` over its batches; it is compiled before
-    the clock starts (:func:`compile_run`).
+    the clock starts. ``settings`` are :func:`compile_run`'s keyword
+    arguments (``seed`` and ``epochs``, then ``batch_size``, ``hidden`` and
+    ``learning_rate``); ``on_epoch()`` is called after each epoch.
     """
-    run = compile_run(
-        method,
-        data,
-        seed=seed,
-        epochs=epochs,
-        batch_size=batch_size,
-        hidden=hidden,
-        learning_rate=learning_rate,
-    )
-    return train_compiled(method.name, seed, run, on_epoch=on_epoch)
+    run = compile_run(method, data, **settings)
+    return train_compiled(method.name, settings["seed"], run, on_epoch=on_epoch)
 
 
 def train_compiled(
