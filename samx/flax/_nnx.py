@@ -313,7 +313,7 @@ def nnx_train_step(
       >>> for _ in range(3):  # the descent pass: the batch the optimizer kept
       ...     metrics = step(model, optimizer, batch, loss_fn, ascent_batch_size=2)
       >>> print(f"{float(metrics['loss']):.4f}")
-      0.6335
+      0.6554
       >>> optimizer.prev_batch.get_value()["x"].shape
       (4, 3)
 
