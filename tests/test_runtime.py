@@ -459,3 +459,42 @@ def test_async_sam_unscaled_radius_equals_the_reference_on_two_devices():
     )
     scaled = async_sam_reference(base(), params, loss, batches, **kwargs)
     assert np.abs(scaled[-1]["layer0"]["w"] - expected[-1]["layer0"]["w"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("two_devices", [True, False])
+def test_a_new_batch_size_after_init_gets_its_own_radius(two_devices):
+    # b'/b sets AsyncSAM's radius: a Trainer re-initialised for batches of 16
+    # (b' = 8 of 16) must not keep the b'/b of its earlier batches of 32.
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=32)
+    batches = _numpy_batches(sample, 6)
+    small = [jax.tree.map(lambda x: x[:16], b) for b in batches]
+
+    def trainer():
+        return Trainer(
+            samx.async_sam(optax.sgd(0.1, momentum=0.9), rho=0.05),
+            loss,
+            descent_device=CPU0,
+            ascent_device=CPU1 if two_devices else CPU0,
+            ascent_batch_size=ASCENT,
+        )
+
+    reused = trainer()
+    state = reused.init(params)
+    for batch in batches:
+        state, _ = reused.step(state, batch)
+    state = reused.init(params)
+    for batch in small:
+        state, _ = reused.step(state, batch)
+    expected = async_sam_reference(
+        optax.sgd(0.1, momentum=0.9),
+        params,
+        loss,
+        small,
+        rho=0.05,
+        ascent=ASCENT,
+        pairing="paired",
+    )
+    for x, y in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(expected[-1]), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)

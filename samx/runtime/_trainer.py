@@ -314,8 +314,7 @@ class Trainer:
         # A mesh over several processes: each feeds its part of the batch, and
         # AsyncSAM's ascent gradients, one per process, are averaged.
         self._multiprocess = self.mesh is not None and self.mesh.is_multi_process
-        self._compiled: dict[str, Callable] = {}
-        self._update_args: dict[str, float] = {}  # set by step, read by the jits
+        self._compiled: dict[Any, Callable] = {}
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
         self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
@@ -456,9 +455,9 @@ class Trainer:
                 f"`Trainer(ascent_batch_size={self.ascent_batch_size})` is larger"
                 f" than the batch ({size})."
             )
-        # Read when the jitted pieces trace; the batch size is the same at
-        # every step (checked against the kept batch below).
-        self._update_args = _plan.update_args(plan, size, self.ascent_batch_size)
+        # tx.update's arguments that only the loop knows (AsyncSAM's b'/b):
+        # bound into the jitted pieces that call it, one jit per value.
+        args = _plan.update_args(plan, size, self.ascent_batch_size)
         batch_d = self._put_batch(fn, batch)
         prev = state.prev_batch
         if prev is not None:
@@ -470,26 +469,38 @@ class Trainer:
         ascent_device = self.ascent_device_for(plan)
         if plan.parallel and ascent_device != self.descent_device:
             state, metrics = self._step_two_devices(
-                plan, state, prev, batch, batch_d, ascent_device
+                plan, state, prev, batch, batch_d, ascent_device, args
             )
         elif plan.parallel and plan.updates is None and self.sampa_vmap:
-            state, metrics = self._one_jit("vmap", self._vmapped)(state, prev, batch_d)
+            vmapped = self._one_jit("vmap", self._vmapped, update_args=args)
+            state, metrics = vmapped(state, prev, batch_d)
         else:
-            state, metrics = self._one_jit("fused", self._fused)(state, prev, batch_d)
+            fused = self._one_jit("fused", self._fused, update_args=args)
+            state, metrics = fused(state, prev, batch_d)
         if plan.uses(_plan.PREVIOUS):
             state = state._replace(prev_batch=batch_d)
         return state, metrics
 
     # -- jitted pieces -----------------------------------------------------------
 
-    def _one_jit(self, name, fn, on_descent=True):
-        """``jax.jit(fn)``, once; on a mesh, the descent side's outputs replicated."""
-        if name not in self._compiled:
+    def _one_jit(self, name, fn, on_descent=True, update_args=None):
+        """``jax.jit(fn)``, once; on a mesh, the descent side's outputs replicated.
+
+        With ``update_args`` (a dict, for the pieces that call ``tx.update``),
+        ``fn(update_args, *args)``, jitted once per value: a piece whose inputs
+        do not show the batch size (``_apply``) would not retrace for a new
+        ``b'/b``.
+        """
+        key = name
+        if update_args is not None:
+            key = (name, tuple(sorted(update_args.items())))
+            fn = partial(fn, update_args)
+        if key not in self._compiled:
             if self.mesh is not None and on_descent:
-                self._compiled[name] = jax.jit(fn, out_shardings=self._state_place)
+                self._compiled[key] = jax.jit(fn, out_shardings=self._state_place)
             else:
-                self._compiled[name] = jax.jit(fn)
-        return self._compiled[name]
+                self._compiled[key] = jax.jit(fn)
+        return self._compiled[key]
 
     def _batches(self, prev, batch):
         return _plan.select_batches(
@@ -510,7 +521,7 @@ class Trainer:
             metrics["ascent_grad_norm"] = f32_global_norm(outputs[e.index][2])
         return state, metrics
 
-    def _fused(self, state, prev, batch):
+    def _fused(self, update_args, state, prev, batch):
         """The pure step in one jit: every evaluation on the descent device."""
         batches = self._batches(prev, batch)
         outputs = {}
@@ -527,11 +538,11 @@ class Trainer:
             state.params,
             state.opt_state,
             gradient,
-            **self._update_args,
+            **update_args,
         )
         return self._finish(state, updates, opt_state, outputs)
 
-    def _update_from(self, state, outputs):
+    def _update_from(self, update_args, state, outputs):
         """The transform's update, fed the gradients ``outputs`` computed."""
         return _plan.plan_update(
             self._plan,
@@ -539,10 +550,10 @@ class Trainer:
             state.params,
             state.opt_state,
             lambda e, p: outputs[e.index][2],
-            **self._update_args,
+            **update_args,
         )
 
-    def _vmapped(self, state, prev, batch):
+    def _vmapped(self, update_args, state, prev, batch):
         """A parallel plan on one device: its gradients in one ``vmap``-ed call."""
         points = _plan.evaluation_points(
             self._plan, self.tx, state.params, state.opt_state
@@ -550,10 +561,12 @@ class Trainer:
         outputs = _plan.stacked_call(
             self._value_and_grad, points, self._batches(prev, batch), state.model_state
         )
-        updates, opt_state = self._update_from(state, outputs)
+        updates, opt_state = self._update_from(update_args, state, outputs)
         return self._finish(state, updates, opt_state, outputs)
 
-    def _step_two_devices(self, plan, state, prev, batch, batch_d, ascent_device):
+    def _step_two_devices(
+        self, plan, state, prev, batch, batch_d, ascent_device, update_args
+    ):
         """A parallel plan, its ascent role's evaluations on ``ascent_device``.
 
         Those are dispatched first, then the descent device's; the gradients
@@ -589,7 +602,8 @@ class Trainer:
             outputs = _processes.as_rows(outputs, self._batch_place)
         else:
             outputs = self._put(outputs, self._state_place)
-        state, metrics = self._one_jit("apply", self._apply)(state, descent, outputs)
+        apply = self._one_jit("apply", self._apply, update_args=update_args)
+        state, metrics = apply(state, descent, outputs)
         # The ascent side's norm stays there: reading it waits for that device.
         for _, norm in ascent:
             metrics["ascent_grad_norm"] = norm
@@ -616,7 +630,7 @@ class Trainer:
             for e in self._plan.on(_plan.DESCENT_DEVICE)
         )
 
-    def _apply(self, state, descent, ascent):
+    def _apply(self, update_args, state, descent, ascent):
         """``tx.update`` with the gradients already computed, then the step.
 
         ``descent`` and ``ascent`` are the outputs of the evaluations of each
@@ -633,7 +647,7 @@ class Trainer:
             )
             for e, out in zip(plan.on(role), outs, strict=True)
         }
-        updates, opt_state = self._update_from(state, outputs)
+        updates, opt_state = self._update_from(update_args, state, outputs)
         return self._finish(state, updates, opt_state, outputs, ascent_norms=False)
 
 
