@@ -192,8 +192,7 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
     grad = jax.grad(loss)
 
     def step(carry, batch):
-        params, opt_state, prev_batch = carry
-        plan = method.plan(opt_state)
+        plan = method.plan(carry[1])
         if method.every > 1:
             return _every(plan, method.every, full_step, plain_step)(carry, batch)
         return full_step(carry, batch)
@@ -209,11 +208,12 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
         params, opt_state, prev_batch = carry
         plan = method.plan(opt_state)
         size = jax.tree.leaves(batch)[0].shape[0]
+        ascent = method.ascent_batch_size(size)
         batches = _plan.select_batches(
-            plan, batch, prev_batch, ascent_batch_size=method.ascent_batch_size(size)
+            plan, batch, prev_batch, ascent_batch_size=ascent
         )
         if method.ascent_subset:
-            batches[None] = _plan.ascent_subset(batch, method.ascent_batch_size(size))
+            batches[None] = _plan.ascent_subset(batch, ascent)
         if method.fused:  # the independent gradients in one vmap-ed call
             points = _plan.evaluation_points(plan, tx, params, opt_state)
             grads = _plan.stacked_call(grad, points, batches)
@@ -231,7 +231,7 @@ def make_step(method: Method, loss: Loss, tx: optax.GradientTransformation):
             params,
             opt_state,
             gradient,
-            **_plan.update_args(plan, size, method.ascent_batch_size(size)),
+            **_plan.update_args(plan, size, ascent),
         )
         params = optax.apply_updates(params, updates)
         return (params, opt_state, batch), None
