@@ -188,6 +188,7 @@ def async_sam(
         ascent_fraction: float | jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AsyncSAMState]:
+        _checks.reject_wrong_wrappers(fn)
         _checks.check_state(fn, state, AsyncSAMState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)

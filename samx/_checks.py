@@ -7,7 +7,10 @@ inside ``jax.jit``) are skipped: they cannot be read without a host
 synchronisation.
 """
 
+import functools
 import inspect
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -310,3 +313,58 @@ def require_grad_fn(fn: str, grad_fn: Callable | None) -> Callable:
             " parameters alone as `grad_fn=lambda p, i: grad(p)`."
         ) from None
     return grad_fn
+
+
+@functools.cache
+def _wrong_wrappers() -> dict[types.CodeType, str]:
+    """The code of the optax wrappers whose ``update`` misuses a samx transform.
+
+    Looked up on first use (no work at import): ``optax.MultiSteps.update`` and
+    the ``update`` nested in ``optax.apply_if_finite``.
+    """
+    codes = {optax.MultiSteps.update.__code__: "optax.MultiSteps"}
+    for const in optax.apply_if_finite.__code__.co_consts:
+        if isinstance(const, types.CodeType) and const.co_name == "update":
+            codes[const] = "optax.apply_if_finite"
+    return codes
+
+
+_WRAPPER_HINTS = {
+    "optax.MultiSteps": (
+        "it hands `update` the mean of the k micro-batch gradients (the ascent)"
+        " but the `grad_fn` of the last micro-batch only (the descent), so the"
+        " step is neither large-batch nor micro-batch SAM. Accumulate inside the"
+        " gradient instead: `g = samx.microbatched(jax.grad(loss), k)`, then"
+        " `tx.update(g(params, batch), state, params, grad_fn=lambda p, i:"
+        " g(p, batch))` on the whole batch (docs: Scaling out)."
+    ),
+    "optax.apply_if_finite": (
+        "it checks only the gradient passed to `update`, not the gradients"
+        " samx computes itself (at the perturbed point, or the descent batch"
+        " that AsyncSAM and SAMPa take from the previous step, so a bad batch"
+        " returns one step later), and the parameters can become NaN while it"
+        " counts skips. Use `samx.skip_nonfinite(tx)`, which checks what comes"
+        " out of the step (docs: Non-finite gradients)."
+    ),
+}
+
+
+def reject_wrong_wrappers(fn: str) -> None:
+    """Raises if ``fn``'s ``update`` runs inside a wrapper known to misuse it.
+
+    Walks the Python stack at trace time (free in a compiled step) for the
+    ``update`` of ``optax.MultiSteps`` or ``optax.apply_if_finite``, at any
+    depth (through ``optax.chain``, ``samx.skip_nonfinite``, a Trainer, ...).
+    """
+    codes = _wrong_wrappers()
+    frame = sys._getframe(1)
+    while frame is not None:
+        wrapper = codes.get(frame.f_code)
+        if wrapper is not None:
+            raise wrong_wrapper_error(fn, wrapper)
+        frame = frame.f_back
+
+
+def wrong_wrapper_error(fn: str, wrapper: str) -> ValueError:
+    """The error for ``fn`` inside ``wrapper`` (``"optax.MultiSteps"``, ...)."""
+    return ValueError(f"{fn} cannot run inside `{wrapper}`: " + _WRAPPER_HINTS[wrapper])

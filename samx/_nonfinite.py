@@ -85,15 +85,15 @@ def skip_nonfinite(
     waits on the host. The cost is one reduction over the updates and the state
     per step; a skipped step still costs a full step.
 
-    **Compared with** ``optax.apply_if_finite``: that wrapper checks the
-    *input* updates only, and skips through ``lax.cond``. For the samx
-    transforms the input is not the whole story: SAM's descent gradient
-    ``grad_fn(params + e, 0)`` is evaluated at a perturbed point and can be
-    non-finite (e.g. a bfloat16 overflow there) while the input gradient is
-    finite, and SAMPa does not read its input at all. ``skip_nonfinite`` checks
-    what the step produces, so it catches both. It has no
-    ``max_consecutive_errors``: it never applies a non-finite update; watch
-    ``notfinite_count`` to stop a run that keeps failing.
+    **Compared with** ``optax.apply_if_finite`` (which samx rejects, see
+    below): that wrapper checks the *input* updates only, and skips through
+    ``lax.cond``. For the samx transforms the input is not the whole story:
+    SAM's descent gradient ``grad_fn(params + e, 0)`` is evaluated at a
+    perturbed point and can be non-finite (e.g. a bfloat16 overflow there)
+    while the input gradient is finite, and SAMPa does not read its input at
+    all. ``skip_nonfinite`` checks what the step produces, so it catches both.
+    It has no ``max_consecutive_errors``: it never applies a non-finite update;
+    watch ``notfinite_count`` to stop a run that keeps failing.
 
     **Stored gradients are not checked.** The gradient that AsyncSAM stores
     for the next step (``AsyncSAMState.ascent_grad``) and SAMPa's auxiliary
@@ -103,9 +103,12 @@ def skip_nonfinite(
     transforms neutralise such a gradient themselves: the next step has no
     perturbation (a plain step of the base optimizer) and stores a fresh one.
     Skipping instead would throw away a good descent step and perturb the next
-    step along a gradient two steps old. To skip a step whose *input* (AsyncSAM's
-    ascent gradient) is not finite, wrap the transform in
-    ``optax.apply_if_finite(samx.async_sam(...), n)`` instead.
+    step along a gradient two steps old.
+
+    **Not** ``optax.apply_if_finite``: a samx transform inside it raises a
+    ``ValueError`` when traced. In the paired loop of AsyncSAM and SAMPa a bad
+    batch returns as the descent batch one step later, where that wrapper does
+    not look, and the parameters became NaN while it counted skips.
 
     The extra keyword arguments of ``update`` (``grad_fn``, ...) are forwarded
     to ``inner``.

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from samx import _async_sam, _sam, _sampa
+from samx import _async_sam, _checks, _sam, _sampa
 
 # Batch roles.
 CURRENT = "current"  # B_t
@@ -177,7 +177,32 @@ def method_of(opt_state: Any) -> str:
             "samx drives one sharpness-aware transform per optimizer; this"
             f" state nests {sorted(found)}."
         )
-    return found.pop() if found else "plain"
+    method = found.pop() if found else "plain"
+    if method != "plain":
+        _reject_wrong_wrappers(opt_state, method)
+    return method
+
+
+# The optax wrappers that misuse a samx transform: their state's type, its
+# field that holds the inner state, and the wrapper's name.
+_WRONG_WRAPPERS = {
+    optax.MultiStepsState: ("inner_opt_state", "optax.MultiSteps"),
+    optax.ApplyIfFiniteState: ("inner_state", "optax.apply_if_finite"),
+}
+
+
+def _reject_wrong_wrappers(opt_state: Any, method: str) -> None:
+    """Raises if the samx state sits inside a wrapper that misuses it.
+
+    The transform itself raises the same error when its ``update`` is traced
+    inside such a wrapper; found here from the state, a loop raises it before
+    the wrapper's own code fails on what samx's loops pass it.
+    """
+    wrapped = jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in _WRONG_WRAPPERS)
+    for x in wrapped:
+        field, wrapper = _WRONG_WRAPPERS.get(type(x), (None, None))
+        if field is not None and method_of(getattr(x, field)) != "plain":
+            raise _checks.wrong_wrapper_error(f"samx.{method}", wrapper)
 
 
 def _e(index, batch, device=DESCENT_DEVICE, keeps_state=False) -> Evaluation:

@@ -139,6 +139,7 @@ def sam(
         grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
+        _checks.reject_wrong_wrappers(fn)
         _checks.check_state(fn, state, SAMState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)

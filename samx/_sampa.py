@@ -149,6 +149,7 @@ def sampa(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMPaState]:
         del updates  # both gradients come from grad_fn
+        _checks.reject_wrong_wrappers(fn)
         _checks.check_state(fn, state, SAMPaState)
         _checks.require_params(fn, params)
         grad_fn = _checks.require_grad_fn(fn, grad_fn)

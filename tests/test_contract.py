@@ -223,14 +223,29 @@ def test_map_params_is_a_no_op(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_works_under_multisteps(case):
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda tx: optax.MultiSteps(tx, every_k_schedule=4),
+        lambda tx: optax.apply_if_finite(tx, 3),
+    ],
+    ids=["multisteps", "apply_if_finite"],
+)
+def test_is_refused_by_wrappers_that_misuse_it(case, wrap):
+    """optax's suite runs its optimizers under MultiSteps; a samx one refuses.
+
+    ``MultiSteps`` would perturb along the mean of the micro-batch gradients
+    but hand over the ``grad_fn`` of the last micro-batch only, and
+    ``apply_if_finite`` never sees the gradients samx computes: both are
+    refused when traced, with the samx way named (``samx.microbatched``,
+    ``samx.skip_nonfinite``).
+    """
     start, _, objective = parabola()
-    tx = optax.MultiSteps(case.make(optax.sgd(0.1)), every_k_schedule=4)
+    tx = wrap(case.make(optax.sgd(0.1)))
     state = tx.init(start)
-    updates, state = jax.jit(functools.partial(tx.update, grad_fn=_grad_fn(objective)))(
-        jax.grad(objective)(start), state, start
-    )
-    np.testing.assert_array_equal(updates, jnp.zeros_like(start))
+    update = jax.jit(functools.partial(tx.update, grad_fn=_grad_fn(objective)))
+    with pytest.raises(ValueError, match="samx.microbatched|samx.skip_nonfinite"):
+        update(jax.grad(objective)(start), state, start)
 
 
 # Bases, radii and step counts under which each target converges. On the

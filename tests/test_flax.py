@@ -313,13 +313,30 @@ def test_nnx_grads_with_optimizer_update_and_aux():
     _close(grad_fn.value[0], descent_loss)
 
 
-def test_nnx_multisteps_under_lax_cond_is_a_clear_error():
+def _under_cond(tx):
+    """``tx`` with its update traced under ``lax.cond``, as wrappers do."""
+
+    def update(updates, state, params=None, **extra_args):
+        def run(_):
+            return tx.update(updates, state, params, **extra_args)
+
+        return jax.lax.cond(True, run, run, None)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def test_nnx_update_under_lax_cond_is_a_clear_error():
     batch = _batches()[0]
     model = CNN(nnx.Rngs(0))
-    tx = optax.MultiSteps(samx.sam(optax.sgd(0.1)), every_k_schedule=2)
+    tx = _under_cond(samx.sam(optax.sgd(0.1)))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     step = nnx.jit(samx.flax.nnx_train_step, static_argnames="loss_fn")
     with pytest.raises(RuntimeError, match="lax.cond"):
+        step(model, optimizer, batch, nnx_loss)
+    # optax.MultiSteps is refused before, by samx.sam itself.
+    tx = optax.MultiSteps(samx.sam(optax.sgd(0.1)), every_k_schedule=2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with pytest.raises(ValueError, match="samx.microbatched"):
         step(model, optimizer, batch, nnx_loss)
 
 
@@ -481,11 +498,14 @@ def test_linen_apply_gradients_matches_flax_for_plain_optax():
     assert int(ours.step) == 1
 
 
-def test_linen_multisteps_under_lax_cond_is_a_clear_error():
+def test_linen_update_under_lax_cond_is_a_clear_error():
     batch = _batches()[0]
-    state = linen_state(optax.MultiSteps(samx.sampa(optax.sgd(0.1)), 2))
+    state = linen_state(_under_cond(samx.sampa(optax.sgd(0.1))))
     step = jax.jit(samx.flax.linen_train_step, static_argnames="loss_fn")
     with pytest.raises(RuntimeError, match="lax.cond"):
+        step(state, batch, linen_loss, prev_batch=batch)
+    state = linen_state(optax.MultiSteps(samx.sampa(optax.sgd(0.1)), 2))
+    with pytest.raises(ValueError, match="samx.microbatched"):
         step(state, batch, linen_loss, prev_batch=batch)
 
 

@@ -33,8 +33,10 @@ batch does not poison the running statistics for ever; wrap the transform in
 
 The descent pass runs inside ``tx.update``; its new state is captured in the
 same trace and written after the update. Wrappers that call ``tx.update``
-under ``lax.cond`` (``optax.MultiSteps``, ``optax.apply_if_finite``) are
-therefore not supported: the helpers raise a ``RuntimeError`` for them.
+under ``lax.cond`` are therefore not supported: the helpers raise a
+``RuntimeError`` for them. Around a samx transform, ``optax.MultiSteps`` and
+``optax.apply_if_finite`` are refused earlier, with a ``ValueError`` that names
+``samx.microbatched`` and ``samx.skip_nonfinite``.
 """
 
 from samx import _versions

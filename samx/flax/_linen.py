@@ -162,9 +162,10 @@ def linen_grads(
     ``state.batch_stats``; the other passes' statistics are dropped.
 
     Call this and :func:`apply_gradients` in the same trace (one ``jax.jit``).
-    A wrapper that calls ``tx.update`` under ``lax.cond`` (``optax.MultiSteps``,
-    ``optax.apply_if_finite``) cannot carry the statistics out and raises a
-    ``RuntimeError``.
+    A wrapper that calls ``tx.update`` under ``lax.cond`` cannot carry the
+    statistics out and raises a ``RuntimeError``; ``optax.MultiSteps`` and
+    ``optax.apply_if_finite`` around a samx transform raise a ``ValueError``
+    first, naming ``samx.microbatched`` and ``samx.skip_nonfinite``.
 
     Args:
       loss_fn: ``loss_fn(params, batch_stats, batch) -> (loss,

@@ -130,9 +130,10 @@ def nnx_grads(
     ``nnx.Optimizer.update`` passes to ``tx.update``; it merges it with the
     model's graph to call ``loss_fn`` (Flax issue #4545). Call this function
     and ``optimizer.update`` in the same trace (e.g. one ``nnx.jit``). A
-    wrapper that calls ``tx.update`` under ``lax.cond`` (``optax.MultiSteps``,
-    ``optax.apply_if_finite``) cannot carry the descent state out and raises a
-    ``RuntimeError``.
+    wrapper that calls ``tx.update`` under ``lax.cond`` cannot carry the
+    descent state out and raises a ``RuntimeError``; ``optax.MultiSteps`` and
+    ``optax.apply_if_finite`` around a samx transform raise a ``ValueError``
+    first, naming ``samx.microbatched`` and ``samx.skip_nonfinite``.
 
     Args:
       loss_fn: ``loss_fn(model, batch) -> loss``, a scalar, or ``(loss, aux)``
