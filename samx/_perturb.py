@@ -66,10 +66,13 @@ def _key_name(key: Any) -> Any:
 def all_but_biases(params: Any, *, names: tuple[str, ...] = ("bias", "b")) -> Any:
     """ASAM mask of the official code's rule: every leaf except the biases.
 
-    A leaf is a bias when one of the keys on its path (a dict key or an
-    attribute name, compared whole) is in ``names``: ``["dense"]["bias"]``
-    (Flax), ``["linear"]["b"]`` (Haiku, hand-written dicts) or
-    ``["layers"][0]["bias"].value`` (an ``nnx.State``). Every other leaf is
+    A leaf is a bias when one of the names on its path (a dict key or an
+    attribute name; a string key is split at ``.`` and ``/`` first) is in
+    ``names``: ``["dense"]["bias"]`` (Flax), ``["linear"]["b"]`` (Haiku,
+    hand-written dicts), ``["layers"][0]["bias"].value`` (an ``nnx.State``),
+    ``["0.bias"]`` (a flat dict of PyTorch-style names, as converted
+    checkpoints have) or ``["dense/bias"]``. Each part is compared whole, so
+    ``"bias_init"`` is not a bias. Every other leaf is
     selected, normalisation scales included. This is the rule of the official
     ASAM code, which scales every PyTorch parameter whose name contains
     "weight": there, every parameter but the biases, the scales of BatchNorm
@@ -113,8 +116,23 @@ def all_but_biases(params: Any, *, names: tuple[str, ...] = ("bias", "b")) -> An
             f" strings, e.g. ('bias', 'b'), got {names!r}."
         )
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    selected = [not any(_key_name(k) in names for k in path) for path, _ in flat]
+    selected = [
+        not any(part in names for k in path for part in _name_parts(k))
+        for path, _ in flat
+    ]
     return jax.tree.unflatten(treedef, selected)
+
+
+def _name_parts(key: Any) -> tuple[Any, ...]:
+    """The names in one path entry; a dotted or slashed string key is split.
+
+    ``"0.bias"`` (a PyTorch state dict) gives ``("0", "bias")``,
+    ``"dense/bias"`` (a flattened Flax dict) ``("dense", "bias")``.
+    """
+    name = _key_name(key)
+    if isinstance(name, str):
+        return tuple(name.replace("/", ".").split("."))
+    return (name,)
 
 
 def resolve_mask(fn: str, mask: Mask | None, params: Any) -> Any:

@@ -363,6 +363,65 @@ def test_all_but_biases_selects_every_leaf_but_the_biases():
     assert samx.all_but_biases({"b": 1}, names=("c",)) == {"b": True}
 
 
+# A ResNet-like PyTorch state dict's parameter names (no buffers), flat.
+_TORCH_NAMES = (
+    "conv1.weight",
+    "bn1.weight",
+    "bn1.bias",
+    "layer1.0.conv1.weight",
+    "layer1.0.bn1.weight",
+    "layer1.0.bn1.bias",
+    "layer1.0.downsample.0.weight",
+    "layer1.0.downsample.1.bias",
+    "0.weight",
+    "0.bias",
+    "fc.weight",
+    "fc.bias",
+)
+
+
+def test_all_but_biases_on_torch_style_keys_is_the_official_rule():
+    # SamsungLabs/ASAM's asam.py scales `p` iff `"weight" in n` over
+    # model.named_parameters(); a flat dict with those names, as a converted
+    # PyTorch checkpoint is, must get the same mask (it selected every leaf).
+    params = {name: np.ones(2, np.float32) for name in _TORCH_NAMES}
+    official = {name: "weight" in name for name in _TORCH_NAMES}
+    assert samx.all_but_biases(params) == official
+    assert samx.all_but_biases({"dense/bias": 1, "dense/kernel": 2}) == {
+        "dense/bias": False,
+        "dense/kernel": True,
+    }
+    # Parts are compared whole.
+    assert samx.all_but_biases({"bias_init.weight": 1, "fc.biases": 2}) == {
+        "bias_init.weight": True,
+        "fc.biases": True,
+    }
+
+
+def test_asam_on_torch_style_keys_matches_the_official_step():
+    # One official ASAM step (T = |x| + eta on the "weight" names only) on a
+    # flat dict with torch-style names, derived in NumPy.
+    rng = np.random.default_rng(0)
+    x = {n: rng.normal(size=3) for n in ("0.weight", "0.bias", "1.weight", "1.bias")}
+    c = {n: rng.uniform(0.5, 2.0, size=3) for n in x}
+    rho, eta, lr = 0.5, 0.01, 0.1
+    t = {n: np.abs(x[n]) + eta if "weight" in n else np.ones(3) for n in x}
+    tg = {n: t[n] * c[n] * x[n] for n in x}
+    norm = np.sqrt(sum(np.sum(v**2) for v in tg.values()))
+    want = {n: x[n] - lr * c[n] * (x[n] + rho * t[n] * tg[n] / norm) for n in x}
+
+    def loss(p, _):
+        return 0.5 * sum(jnp.sum(jnp.asarray(c[n], jnp.float32) * p[n] ** 2) for n in p)
+
+    params = {n: jnp.asarray(v, jnp.float32) for n, v in x.items()}
+    tx = samx.sam(
+        optax.sgd(lr), rho=rho, adaptive=True, eta=eta, mask=samx.all_but_biases
+    )
+    [got] = _train(tx, params, loss, [None])
+    for n, v in want.items():
+        np.testing.assert_allclose(got[n], v, rtol=1e-6, err_msg=n)
+
+
 def test_all_but_biases_reads_an_nnx_state():
     nnx = pytest.importorskip("flax.nnx")  # not in CI's lowest-version leg
     # An nnx.State of Params: the path ends in `.value`.
