@@ -498,3 +498,35 @@ def check_batch(fn: str, name: str, batch: Any) -> int:
                 f" size; {first} has {size}, {where} has {shape[0]}."
             )
     return int(size)
+
+
+def check_batch_size(fn: str, size: int, expected: int | None) -> None:
+    """Every batch of a run has the first batch's leading size; a clear error if not.
+
+    The one rule of every loop that compiles a step or keeps a batch (the
+    Trainers, the compiled steps of ``samx.flax`` and
+    ``make_data_parallel_step``, the steps that keep the previous batch): a
+    batch of another size would compile the step again, and AsyncSAM and
+    SAMPa pair each descent with the previous step's batch (AsyncSAM's ``b'``
+    and ``b'/b`` set for the first size). ``expected`` None: the first batch.
+
+    Args:
+      fn: the function called, e.g. ``"samx.runtime.Trainer.step"``.
+      size: the leading size of the batch it was given.
+      expected: the leading size of the run's batches so far.
+
+    Raises:
+      ValueError: naming both sizes and the fix: drop the last, smaller batch
+        of an epoch, or pad it.
+    """
+    if expected is None or size == expected:
+        return
+    raise ValueError(
+        f"`{fn}(batch=...)` has {size} examples, but this run's batches have"
+        f" {expected}: every batch must have the same size. Drop the last,"
+        " smaller batch of an epoch (`drop_remainder=True` in tf.data or grain,"
+        f" `drop_last=True` in a PyTorch DataLoader) or pad it to {expected}"
+        " examples. A batch of another size would compile the step again, and"
+        " AsyncSAM and SAMPa pair each descent with the previous step's batch"
+        " (AsyncSAM's ascent batch b' was set for the first size)."
+    )

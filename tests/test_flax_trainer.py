@@ -189,3 +189,24 @@ def test_the_model_is_merged_on_demand_and_changing_it_changes_nothing():
     assert model.bn.use_running_average
     assert not trainer.model.bn.use_running_average
     np.testing.assert_array_equal(trainer.state.model_state["bn"]["mean"], 0.0)
+
+
+def test_one_batch_size_per_run_from_the_first_batch_after_a_new_state():
+    # The rule of every samx loop (docs/pairing.md): the first batch sets the
+    # size; assigning a state starts a new run, whose first batch sets it again.
+    def loss(model, batch):
+        return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+    full = {"x": np.ones((8, 3), np.float32), "y": np.zeros((8, 1), np.float32)}
+    short = jax.tree.map(lambda x: x[:5], full)
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    trainer = samx.flax.Trainer(model, samx.sam(_base(), rho=0.05), loss)
+    start = trainer.state
+    trainer.step(full)
+    with pytest.raises(ValueError, match=r"Trainer\.step\(batch=...\)` has 5 ex"):
+        trainer.step(short)
+    trainer.step(full)  # the run goes on
+    trainer.state = start
+    trainer.step(short)  # a new run, of batches of 5
+    with pytest.raises(ValueError, match=r"has 8 examples, but this run's .* 5:"):
+        trainer.step(full)

@@ -2810,6 +2810,98 @@ FLAX_TRAINER_CASES = [
 ]
 
 
+# -- one batch size per run: a smaller last batch of an epoch --------------------
+
+_FULL = {"x": np.ones((16, 3), np.float32), "y": np.ones((16, 2), np.float32)}
+_SHORT = {"x": _FULL["x"][:8], "y": _FULL["y"][:8]}  # still divides the mesh
+_SHORT_BATCH = (
+    r"`{fn}\(batch=\.\.\.\)` has 8 examples, but this run's batches have 16: every"
+    r" batch must have the same size\. Drop the last, smaller batch of an epoch"
+    r" \(`drop_remainder=True`.*`drop_last=True`.*or pad it to 16 examples"
+)
+
+
+def _tx_of(method):
+    return FACTORIES[method](optax.sgd(0.1)) if method in FACTORIES else optax.sgd(0.1)
+
+
+def _short_trainer(method):
+    trainer = runtime.Trainer(_tx_of(method), _loss)
+    state, _ = trainer.step(trainer.init(PARAMS), _FULL)
+    return trainer.step(state, _SHORT)
+
+
+def _short_flax_trainer(method):
+    trainer = _flax_trainer(method)
+    trainer.step(_FULL)
+    return trainer.step(_SHORT)
+
+
+def _short_make_nnx(method):
+    model, optimizer = _nnx_model_and_optimizer(method)
+    step = samx.flax.make_nnx_train_step(_nnx_loss)
+    step(model, optimizer, _FULL)
+    return step(model, optimizer, _SHORT)
+
+
+def _short_nnx_step(method, jit=False):
+    model, optimizer = _nnx_model_and_optimizer(method)
+    step = samx.flax.nnx_train_step
+    if jit:
+        step = nnx.jit(step, static_argnames="loss_fn")
+    step(model, optimizer, _FULL, loss_fn=_nnx_loss)
+    return step(model, optimizer, _SHORT, loss_fn=_nnx_loss)
+
+
+def _short_make_linen(method):
+    step = samx.flax.make_linen_train_step(_linen_loss)
+    state, _ = step(_train_state(method), _FULL)
+    return step(state, _SHORT)
+
+
+def _short_linen_step(method, jit=False):
+    step = samx.flax.linen_train_step
+    if jit:
+        step = jax.jit(step, static_argnames="loss_fn")
+    state, _ = step(_train_state(method), _FULL, loss_fn=_linen_loss)
+    return step(state, _SHORT, loss_fn=_linen_loss)
+
+
+def _short_data_parallel(method):
+    tx = _tx_of(method)
+    step = runtime.make_data_parallel_step(tx, _loss, _MESH)
+    params, opt_state, _ = step(PARAMS, tx.init(PARAMS), _FULL)
+    return step(params, opt_state, _SHORT)
+
+
+_ALL_METHODS = ("sgd", "sam", "async_sam", "sampa")
+_T_STEP = r"samx\.runtime\.Trainer\.step"
+_DP_STEP = r"make_data_parallel_step\(\.\.\.\)"
+_KEEPING = ("async_sam", "sampa")  # their plan keeps the previous batch
+SHORT_BATCH_CASES = [
+    _case(
+        f"{prefix}-short-last-batch-{method}",
+        call,
+        (method, *args),
+        {},
+        ValueError,
+        _SHORT_BATCH.format(fn=fn),
+    )
+    for prefix, call, args, fn, methods in (
+        ("Trainer", _short_trainer, (), _T_STEP, _ALL_METHODS),
+        ("Trainer-flax", _short_flax_trainer, (), rf"{_FT}\.step", _ALL_METHODS),
+        ("make_nnx_train_step", _short_make_nnx, (), _STEP_NNX, _ALL_METHODS),
+        ("make_linen_train_step", _short_make_linen, (), _STEP_LINEN, _ALL_METHODS),
+        ("make_data_parallel_step", _short_data_parallel, (), _DP_STEP, ("sgd", "sam")),
+        ("nnx_train_step", _short_nnx_step, (), _STEP_NNX, _KEEPING),
+        ("nnx_train_step-jit", _short_nnx_step, (True,), _STEP_NNX, _KEEPING),
+        ("linen_train_step", _short_linen_step, (), _STEP_LINEN, _KEEPING),
+        ("linen_train_step-jit", _short_linen_step, (True,), _STEP_LINEN, _KEEPING),
+    )
+    for method in methods
+]
+
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
     *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
@@ -2839,6 +2931,7 @@ CASES = [
     *_prefixed("launch", LAUNCH_CASES),
     *_prefixed("initialize", INITIALIZE_CASES),
     *_prefixed("Trainer", FLAX_TRAINER_CASES),
+    *SHORT_BATCH_CASES,
 ]
 
 

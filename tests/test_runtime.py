@@ -413,8 +413,26 @@ def test_a_batch_whose_size_changes_gets_a_clear_error(name):
     trainer = Trainer(TRANSFORMS[name](), loss, ascent_device=CPU1)
     state, _ = trainer.step(trainer.init(params), batch)
     smaller = jax.tree.map(lambda x: x[:8], batch)
-    with pytest.raises(ValueError, match=r"batch size changed from 16 to 8"):
+    with pytest.raises(ValueError, match=r"has 8 examples, but this run's .* 16"):
         trainer.step(state, smaller)
+    # A new Trainer on the kept state: the kept batch gives the size.
+    other = Trainer(TRANSFORMS[name](), loss, ascent_device=CPU1)
+    other.init(params)
+    with pytest.raises(ValueError, match=r"has 8 examples, but this run's .* 16"):
+        other.step(state, smaller)
+    state, _ = trainer.step(state, batch)  # the run goes on at its own size
+
+
+def test_the_first_batch_after_init_sets_the_size():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batch = _numpy_batches(sample, 1)[0]
+    smaller = jax.tree.map(lambda x: x[:8], batch)
+    trainer = Trainer(TRANSFORMS["sam"](), loss)
+    with pytest.raises(ValueError, match=r"has 16 examples, but this run's .* 8"):
+        state, _ = trainer.step(trainer.init(params), smaller)
+        trainer.step(state, batch)
+    state, _ = trainer.step(trainer.init(params), batch)  # a new run, a new size
+    trainer.step(state, batch)
 
 
 def test_bad_pairing():

@@ -313,7 +313,9 @@ def compile_run(
     """The MLP on ``data`` (a :class:`samx.examples.data.Dataset`), compiled.
 
     Every method sees the same initialisation and batch order for a seed; the
-    number of classes is read from the labels.
+    number of classes is read from the labels. An epoch is ``n // batch_size``
+    batches: the last ``n % batch_size`` examples of its order are dropped, so
+    that every batch has one size, as every samx loop requires.
     """
     n = data.x_train.shape[0]
     steps_per_epoch = n // batch_size

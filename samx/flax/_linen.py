@@ -336,7 +336,10 @@ def linen_train_step(
     first step turns None into a batch, so a jitted step traces twice; the
     step of :func:`make_linen_train_step` fills it before compiling. A state
     without that field needs ``prev_batch=`` at every step, which otherwise
-    overrides the kept one for one step.
+    overrides the kept one for one step. A batch whose leading size differs
+    from the kept one's raises a ``ValueError``: every batch of a run has one
+    size, in every samx loop (drop or pad the last, smaller batch of an epoch;
+    :doc:`/pairing`).
 
     Args:
       state: a :class:`samx.flax.TrainState`.
@@ -384,7 +387,12 @@ def linen_train_step(
     plan = _plan.evaluation_plan(state.opt_state, pairing=pairing)
     keeps = plan.uses(_plan.PREVIOUS) and hasattr(state, "prev_batch")
     if keeps and prev_batch is None:
-        prev_batch = batch if state.prev_batch is None else state.prev_batch
+        if state.prev_batch is None:
+            prev_batch = batch
+        else:  # the kept batch: one size per run
+            size = _common.check_batch(fn, "batch", batch)
+            _plan.check_batch_size(fn, size, _plan.leading_size(state.prev_batch))
+            prev_batch = state.prev_batch
     grads, grad_fn = _grads(
         fn,
         loss_fn,
@@ -430,11 +438,14 @@ def make_linen_train_step(
 
     Returns:
       ``step(state, batch, prev_batch=None, ascent_batch=None) -> (state,
-      metrics)``, compiled once per batch shape (and per whether
-      ``prev_batch`` / ``ascent_batch`` are given). For AsyncSAM and SAMPa
-      (paired) a :class:`samx.flax.TrainState` keeps the previous batch, in
+      metrics)``, compiled once (and once more per whether ``prev_batch`` /
+      ``ascent_batch`` are given). Every ``batch`` must have the leading size
+      of the first one it was given, for every method; another raises a
+      ``ValueError``, as in every samx loop: drop or pad the last, smaller
+      batch of an epoch (:doc:`/pairing`). For AsyncSAM and SAMPa (paired) a
+      :class:`samx.flax.TrainState` keeps the previous batch, in
       ``state.prev_batch`` (see :func:`linen_train_step`): pass the current
-      batch only. The step holds no state of its own.
+      batch only. Besides that size, the step holds no state of its own.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, samx, samx.flax
@@ -479,8 +490,18 @@ def make_linen_train_step(
     ) -> tuple[Any, dict[str, Any]]:
         return step(state, batch, prev_batch=prev_batch, ascent_batch=ascent_batch)
 
+    sizes: list[int] = []  # the first batch's leading size
+
     def train_step(state: Any, batch: Any, *args, **kwargs) -> Any:
-        return jitted(_with_prev_batch(state, batch, pairing), batch, *args, **kwargs)
+        # Named as the step's other errors are: the step is linen_train_step's.
+        size = _common.check_batch("samx.flax.linen_train_step", "batch", batch)
+        _plan.check_batch_size(
+            "samx.flax.linen_train_step", size, sizes[0] if sizes else None
+        )
+        state = _with_prev_batch(state, batch, pairing)
+        out = jitted(state, batch, *args, **kwargs)
+        sizes[:] = [size]
+        return out
 
     return train_step
 

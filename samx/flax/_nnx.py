@@ -41,13 +41,20 @@ class PrevBatch(nnx.Variable):
 
 
 def _previous(
-    plan: _plan.EvaluationPlan, optimizer: Any, batch: Any, prev_batch: Any
+    fn: str, plan: _plan.EvaluationPlan, optimizer: Any, batch: Any, prev_batch: Any
 ) -> Any:
-    """The batch for the plan's ``"previous"`` role: given, kept, or ``batch``."""
+    """The batch for the plan's ``"previous"`` role: given, kept, or ``batch``.
+
+    A kept batch must have ``batch``'s leading size (:func:`_plan.check_batch_size`).
+    """
     if prev_batch is not None or not plan.uses(_plan.PREVIOUS):
         return prev_batch
     kept = getattr(optimizer, "prev_batch", None)
-    return kept.get_value() if isinstance(kept, PrevBatch) else batch
+    if not isinstance(kept, PrevBatch):
+        return batch
+    size = _common.check_batch(fn, "batch", batch)
+    _plan.check_batch_size(fn, size, _plan.leading_size(kept.get_value()))
+    return kept.get_value()
 
 
 def _keep(plan: _plan.EvaluationPlan, optimizer: Any, batch: Any) -> None:
@@ -280,7 +287,10 @@ def nnx_train_step(
     it into needs ``optimizer.prev_batch`` too, as after one step). Its first
     call adds the variable, so a jitted step traces twice; the step of
     :func:`make_nnx_train_step` adds it before compiling. ``prev_batch=``
-    overrides it for one step.
+    overrides it for one step. A batch whose leading size differs from the
+    kept one's raises a ``ValueError``: every batch of a run has one size, in
+    every samx loop (drop or pad the last, smaller batch of an epoch;
+    :doc:`/pairing`).
 
     Args:
       model: the ``nnx.Module``.
@@ -340,7 +350,7 @@ def nnx_train_step(
         optimizer,
         batch,
         has_aux=has_aux,
-        prev_batch=_previous(plan, optimizer, batch, prev_batch),
+        prev_batch=_previous(fn, plan, optimizer, batch, prev_batch),
         ascent_batch=ascent_batch,
         ascent_batch_size=ascent_batch_size,
         pairing=pairing,
@@ -377,13 +387,15 @@ def make_nnx_train_step(
 
     Returns:
       ``step(model, optimizer, batch, prev_batch=None, ascent_batch=None) ->
-      metrics``, compiled once per batch shape (and per whether
-      ``prev_batch`` / ``ascent_batch`` are given). For AsyncSAM and SAMPa
-      (paired) the optimizer keeps the previous batch, as
-      ``optimizer.prev_batch`` (see :func:`nnx_train_step`): pass the current
-      batch only. The step holds no state of its own, so it may be compiled
-      on copies of the model and optimizer (``nnx.clone``) before the real
-      run.
+      metrics``, compiled once (and once more per whether ``prev_batch`` /
+      ``ascent_batch`` are given). Every ``batch`` must have the leading size
+      of the first one it was given, for every method; another raises a
+      ``ValueError``, as in every samx loop: drop or pad the last, smaller
+      batch of an epoch (:doc:`/pairing`). For AsyncSAM and SAMPa (paired) the
+      optimizer keeps the previous batch, as ``optimizer.prev_batch`` (see
+      :func:`nnx_train_step`): pass the current batch only. Besides that
+      size, the step holds no state of its own, so it may be compiled on
+      copies of the model and optimizer (``nnx.clone``) before the real run.
 
     Examples:
       >>> import jax.numpy as jnp, optax, samx, samx.flax
@@ -430,9 +442,18 @@ def make_nnx_train_step(
             pairing=pairing,
         )
 
+    sizes: list[int] = []  # the first batch's leading size
+
     def step(model: Any, optimizer: Any, batch: Any, *args, **kwargs) -> Any:
+        # Named as the step's other errors are: the step is nnx_train_step's.
+        size = _common.check_batch("samx.flax.nnx_train_step", "batch", batch)
+        _plan.check_batch_size(
+            "samx.flax.nnx_train_step", size, sizes[0] if sizes else None
+        )
         _add_prev_batch(optimizer, batch, pairing)
-        return jitted(model, optimizer, batch, *args, **kwargs)
+        out = jitted(model, optimizer, batch, *args, **kwargs)
+        sizes[:] = [size]
+        return out
 
     return step
 

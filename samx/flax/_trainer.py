@@ -204,6 +204,7 @@ class Trainer:
                 " e.g. `checkpointer.restore(path, trainer.abstract_state(batch))`."
             )
         self._state = value
+        self.runtime._batch_size = None  # a new run: its first step sets it
 
     @property
     def model(self) -> nnx.Module:
@@ -220,16 +221,19 @@ class Trainer:
         """One training step; returns at once, before the devices finish.
 
         Args:
-          batch: a pytree of arrays (NumPy or JAX) with a common leading size,
-            the same at every step.
+          batch: a pytree of arrays (NumPy or JAX) with a common leading size:
+            the size of the first batch (since the Trainer was made or
+            :attr:`state` assigned); another raises a ``ValueError``, as in
+            every samx loop: drop or pad the last, smaller batch of an epoch.
 
         Returns:
           ``metrics``, on the devices: ``"loss"`` and ``"grad_norm"`` of the
           descent pass, ``"ascent_grad_norm"`` for AsyncSAM and SAMPa (on the
           ascent device), ``"aux"`` with ``has_aux``.
         """
-        _plan.check_batch("samx.flax.Trainer.step", "batch", batch)
-        state, metrics = self.runtime.step(self.state, batch)
+        fn = "samx.flax.Trainer.step"
+        _plan.check_batch(fn, "batch", batch)
+        state, metrics = self.runtime._step(fn, self.state, batch)
         if self.has_aux:
             model_state, aux = state.model_state
             state = state._replace(model_state=model_state)

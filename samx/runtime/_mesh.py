@@ -16,7 +16,7 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samx import _checks
+from samx import _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import evaluation_plan
 from samx.runtime._processes import put_batch
@@ -146,10 +146,14 @@ def make_data_parallel_step(
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+      Every batch must have the leading size of the first one, as in every
+      samx loop (with m-sharpness, ``m`` is the per-device share of it): drop
+      or pad the last, smaller batch of an epoch.
 
     Raises:
       ValueError: at the call, when the batch size is not a multiple of the
-        mesh's ``axis`` size, or the transform is not supported.
+        mesh's ``axis`` size or differs from the first batch's, or the
+        transform is not supported.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, samx
@@ -237,10 +241,15 @@ def make_data_parallel_step(
         return every
 
     checked: list[str] = []
+    sizes: list[int] = []  # the first batch's leading size
 
     def step(params, opt_state, batch):
         _checks.require_params(fn, params, "step")
-        check_batch_divides("make_data_parallel_step(...)", batch, mesh, axis)
+        size = check_batch_divides("make_data_parallel_step(...)", batch, mesh, axis)
+        _plan.check_batch_size(
+            "make_data_parallel_step(...)", size, sizes[0] if sizes else None
+        )
+        sizes[:] = [size]
         if not checked:
             plan = evaluation_plan(opt_state)
             method = plan.method

@@ -147,8 +147,14 @@ class Trainer:
       other optax transform: everything on ``descent_device``.
 
     The Trainer keeps the previous batch (``TrainerState.prev_batch``) where
-    the plan needs it, so the loop passes the current batch only, of the same
-    size at every step.
+    the plan needs it, so the loop passes the current batch only.
+
+    **One batch size.** Every batch has the leading size of the first batch
+    after :meth:`init`, for every method: a batch of another size raises a
+    ``ValueError`` (a step of another size would compile again, and AsyncSAM
+    and SAMPa pair each descent with the previous batch). Drop the last,
+    smaller batch of an epoch (``drop_remainder=True``, ``drop_last=True``) or
+    pad it; every samx loop follows this rule (:doc:`/pairing`).
 
     **Data parallel.** ``descent_device`` may be a ``jax.sharding.Mesh``: each
     batch is then split along ``batch_axis`` (``NamedSharding(mesh,
@@ -315,6 +321,7 @@ class Trainer:
         # AsyncSAM's ascent gradients, one per process, are averaged.
         self._multiprocess = self.mesh is not None and self.mesh.is_multi_process
         self._compiled: dict[Any, Callable] = {}
+        self._batch_size: int | None = None  # the run's, set by its first step
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
         self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
@@ -386,7 +393,9 @@ class Trainer:
 
     def _init(self, params: Any, model_state: Any, *, abstract: bool) -> TrainerState:
         """:meth:`init`, or (``abstract``) its shapes without allocating it (for
-        restore targets); the same checks either way, outside any trace."""
+        restore targets); the same checks either way, outside any trace. A new
+        run: its first step sets the batch size."""
+        self._batch_size = None
         if params is not None:  # None: the transform's own init says so
             _checks.require_params("samx.runtime.Trainer", params, "init")
         if abstract:
@@ -434,21 +443,26 @@ class Trainer:
         Args:
           state: from :meth:`init` or the previous step.
           batch: a pytree of arrays (NumPy or JAX) with a common leading size
-            (on a mesh, a multiple of the size of its batch axis); the same size
-            at every step.
+            (on a mesh, a multiple of the size of its batch axis): the size of
+            the first batch after :meth:`init` (another raises a
+            ``ValueError``: drop or pad the last, smaller batch of an epoch).
 
         Returns:
           ``(state, metrics)``: ``metrics["loss"]`` and ``metrics["grad_norm"]``
           of the descent pass, on the descent device; AsyncSAM and SAMPa add
           ``metrics["ascent_grad_norm"]``, on the ascent device.
         """
-        fn = "samx.runtime.Trainer.step"
+        return self._step("samx.runtime.Trainer.step", state, batch)
+
+    def _step(self, fn: str, state: TrainerState, batch: Any) -> tuple:
+        """:meth:`step`, its errors named after ``fn``, the function called."""
         if not isinstance(state, TrainerState):
             raise TypeError(
                 f"`{fn}(state=...)` must be the TrainerState from `init` or"
                 f" the previous step, got {type(state).__name__}."
             )
         size = self._check_batch(fn, batch)
+        _plan.check_batch_size(fn, size, self._batch_size)
         plan = self.plan(state.opt_state)
         if plan.uses(_plan.ASCENT) and (self.ascent_batch_size or 0) > size:
             raise ValueError(
@@ -479,6 +493,7 @@ class Trainer:
             state, metrics = fused(state, prev, batch_d)
         if plan.uses(_plan.PREVIOUS):
             state = state._replace(prev_batch=batch_d)
+        self._batch_size = size
         return state, metrics
 
     # -- jitted pieces -----------------------------------------------------------
@@ -658,14 +673,10 @@ def _check_same_shapes(fn: str, plan: Any, prev: Any, batch: Any, size: int) -> 
         batch
     ):
         return
-    before = jax.tree.leaves(prev)[0].shape[0]
-    what = (
-        f"the batch size changed from {before} to {size}"
-        if before != size
-        else "its leaves' shapes or structure differ from the previous batch's"
-    )
+    _plan.check_batch_size(fn, size, _plan.leading_size(prev))
     raise ValueError(
-        f"`{fn}(batch=...)`: {what}. {plan.method} evaluates its descent on the"
-        " previous step's batch, which the Trainer keeps, so every batch must have"
-        " the same shapes (drop the last, smaller batch of an epoch, or pad it)."
+        f"`{fn}(batch=...)`: its leaves' shapes or structure differ from the"
+        f" previous batch's. {plan.method} evaluates its descent on the previous"
+        " step's batch, which the Trainer keeps, so every batch must have the"
+        " same shapes."
     )
