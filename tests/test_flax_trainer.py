@@ -210,3 +210,61 @@ def test_one_batch_size_per_run_from_the_first_batch_after_a_new_state():
     trainer.step(short)  # a new run, of batches of 5
     with pytest.raises(ValueError, match=r"has 8 examples, but this run's .* 5:"):
         trainer.step(full)
+
+
+def _recorded_calibration(monkeypatch, calibrate):
+    """``calibrate()`` with a fake clock; the gradients it timed, in order.
+
+    The descent takes 8 ms on CPU0; b' examples take 1 ms + b' * 0.5 ms
+    elsewhere: b' = 8 of 16 hides. Each timed function is also run, so the
+    gradients can be compared.
+    """
+    timed = []
+
+    def fake(fn, args, repeats):
+        examples = jax.tree.leaves(args[2])[0]
+        (device,) = examples.devices()
+        timed.append((device, examples.shape[0], jax.tree.leaves(fn(*args))))
+        return 0.008 if device == CPU0 else 0.001 + 0.0005 * examples.shape[0]
+
+    monkeypatch.setattr("samx.runtime._calibrate._median_seconds", fake)
+    return calibrate(), timed
+
+
+def test_nnx_calibration_is_the_manual_split_merge_calibration(monkeypatch):
+    # The NNX path (issue 21) against what a user wrote by hand: nnx.split,
+    # a (params, rest, batch) loss that merges, samx.runtime's calibration.
+    batch = _batches(1)[0]
+    model = _net()
+    before = nnx.clone(model)
+    devices = {"fast_device": CPU0, "slow_device": CPU1}
+    nnx_c, nnx_timed = _recorded_calibration(
+        monkeypatch,
+        lambda: samx.flax.calibrate_ascent_batch(
+            model, loss_aux, batch, has_aux=True, **devices
+        ),
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def manual_loss(params, rest, batch):
+        merged = nnx.merge(graphdef, params, rest)
+        loss, _ = loss_aux(merged, batch)
+        return loss, nnx.state(merged, nnx.Not(nnx.Param))
+
+    manual_c, manual_timed = _recorded_calibration(
+        monkeypatch,
+        lambda: samx.runtime.calibrate_ascent_batch(
+            manual_loss,
+            nnx.as_pure(params),
+            batch,
+            model_state=nnx.as_pure(rest),
+            has_state=True,
+            **devices,
+        ),
+    )
+    assert nnx_c == manual_c and nnx_c.ascent_batch_size == 8
+    assert [t[:2] for t in nnx_timed] == [t[:2] for t in manual_timed]
+    assert nnx_timed[0][:2] == (CPU0, 16)  # the descent, on the whole batch
+    for (*_, a), (*_, b) in zip(nnx_timed, manual_timed, strict=True):
+        _close(a, b, tol=0)  # the same gradient: the same pass
+    _close(nnx.state(model), nnx.state(before), tol=0)  # the model is not changed

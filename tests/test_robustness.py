@@ -2902,6 +2902,136 @@ SHORT_BATCH_CASES = [
 ]
 
 
+# -- samx.flax.calibrate_ascent_batch --------------------------------------------
+
+_CAL_FLAX = samx.flax.calibrate_ascent_batch
+_CF = r"`samx\.flax\.calibrate_ascent_batch"
+
+
+def _cal_flax(model=None, loss_fn=_nnx_loss, batch=_FB, **kwargs):
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0)) if model is None else model
+    return _CAL_FLAX(model, loss_fn, batch, **kwargs)
+
+
+CALIBRATE_FLAX_CASES = [
+    _case(
+        "flax-model-a-dict",
+        _cal_flax,
+        (),
+        {"model": {"w": jnp.ones(2)}},
+        TypeError,
+        rf"{_CF}\(model=\.\.\.\)` must be an `nnx\.Module`, got dict",
+    ),
+    _case(
+        "flax-model-linen",
+        _cal_flax,
+        (),
+        {"model": nn.Dense(2)},
+        TypeError,
+        rf"{_CF}\(model=\.\.\.\)` must be an `nnx\.Module`.*For a linen model",
+    ),
+    _case(
+        "flax-model-abstract",
+        _cal_flax,
+        (),
+        {"model": _abstract_linear()},
+        ValueError,
+        rf"{_CF}\(model=\.\.\.\)` is abstract \(`nnx\.eval_shape`\)",
+    ),
+    _case(
+        "flax-loss_fn-none",
+        _cal_flax,
+        (),
+        {"loss_fn": None},
+        TypeError,
+        rf"{_CF}\(loss_fn=\.\.\.\)` must be callable, got NoneType",
+    ),
+    _case(
+        "flax-loss_fn-of-params-model_state-batch",
+        _cal_flax,
+        (),
+        {"loss_fn": _runtime_style_loss},
+        TypeError,
+        rf"{_CF}\(loss_fn=\.\.\.\)` must be callable as `loss_fn\(model, batch\)`",
+    ),
+    _case(
+        "flax-loss-not-a-scalar",
+        _cal_flax,
+        (),
+        {"loss_fn": _nnx_not_a_scalar, "repeats": 1},
+        ValueError,
+        r"samx\.flax\.calibrate_ascent_batch: `loss_fn` must return a scalar loss",
+    ),
+    _case(
+        "flax-loss-a-pair-without-has_aux",
+        _cal_flax,
+        (),
+        {"loss_fn": _nnx_pair, "repeats": 1},
+        ValueError,
+        r"must return a scalar loss, got a tuple \(did you mean `has_aux=True`\?\)",
+    ),
+    _case(
+        "flax-has_aux-str",
+        _cal_flax,
+        (),
+        {"has_aux": "yes"},
+        TypeError,
+        rf"{_CF}\(has_aux=\.\.\.\)` must be True or False",
+    ),
+    *[
+        _case(
+            f"flax-{name}-given",
+            _cal_flax,
+            (),
+            {name: value},
+            TypeError,
+            rf"{_CF}\({name}=\.\.\.\)` is not taken: the model state is the model's",
+        )
+        for name, value in (("model_state", {}), ("has_state", True))
+    ],
+    _case(
+        "flax-wrt-selects-nothing",
+        _cal_flax,
+        (),
+        {"wrt": nnx.BatchStat},
+        ValueError,
+        rf"{_CF}\(wrt=\.\.\.\)` selects no variable of the model",
+    ),
+    _case(
+        "flax-batch-scalar-leaf",
+        _cal_flax,
+        (),
+        {"batch": _FB_SCALAR},
+        ValueError,
+        rf"{_CF}\(batch=\.\.\.\)` must have a leading batch axis",
+    ),
+    _case(
+        "flax-batch-ragged",
+        _cal_flax,
+        (),
+        {"batch": _FB_RAGGED},
+        ValueError,
+        rf"{_CF}\(batch=\.\.\.\)`: every leaf must have the same leading batch size",
+    ),
+    _case(
+        "flax-repeats-0",
+        _cal_flax,
+        (),
+        {"repeats": 0},
+        ValueError,
+        r"`calibrate_ascent_batch\(repeats=\.\.\.\)` must be an int >= 1, got 0",
+    ),
+    _case(
+        "flax-slow_device-cpu:99",
+        _cal_flax,
+        (),
+        {"slow_device": "cpu:99"},
+        ValueError,
+        rf"`slow_device='cpu:99'` is not a device here; {_DEVICES}",
+    ),
+]
+
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
     *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
@@ -2932,6 +3062,7 @@ CASES = [
     *_prefixed("initialize", INITIALIZE_CASES),
     *_prefixed("Trainer", FLAX_TRAINER_CASES),
     *SHORT_BATCH_CASES,
+    *_prefixed("calibrate_ascent_batch", CALIBRATE_FLAX_CASES),
 ]
 
 

@@ -9,7 +9,8 @@ a model and a loss into what a samx transform needs, the gradients and a
 ``TrainState`` (:class:`TrainState`, :func:`apply_gradients`,
 :func:`linen_grads`, :func:`linen_train_step`, :func:`make_linen_train_step`),
 and :class:`Trainer`, which trains an NNX model on the two-device runtime
-(:class:`samx.runtime.Trainer`).
+(:class:`samx.runtime.Trainer`), with AsyncSAM's ascent batch from
+:func:`calibrate_ascent_batch`.
 The method is found in the optimizer state, so the same step works for
 ``samx.sam``, ``samx.async_sam``, ``samx.sampa`` and any other optax
 transform.
@@ -44,6 +45,7 @@ from samx import _versions
 # Before the helpers import Flax: an older Flax fails here, naming the version.
 _versions.require("flax", _versions.FLAX, "samx.flax", "flax")
 
+from samx.flax._calibrate import calibrate_ascent_batch as calibrate_ascent_batch
 from samx.flax._common import DescentGradFn as DescentGradFn
 from samx.flax._linen import TrainState as TrainState
 from samx.flax._linen import apply_gradients as apply_gradients
@@ -60,6 +62,7 @@ __all__ = (
     "TrainState",
     "Trainer",
     "apply_gradients",
+    "calibrate_ascent_batch",
     "linen_grads",
     "linen_train_step",
     "make_linen_train_step",

@@ -121,32 +121,16 @@ class Trainer:
         pairing: str = "paired",
     ):
         fn = "samx.flax.Trainer"
-        if not isinstance(model, nnx.Module):
-            hint = (
-                " For a linen model, use `samx.runtime.Trainer(tx, loss_fn,"
-                " has_state=True)` with its `batch_stats` as the model state."
-                if hasattr(model, "apply") and hasattr(model, "init")
-                else ""
-            )
-            raise TypeError(
-                f"`{fn}(model=...)` must be an `nnx.Module`, got"
-                f" {type(model).__name__}.{hint}"
-            )
+        check_model(fn, model)
         _common.check_loss_fn(fn, loss_fn)
-        _check_signature(fn, loss_fn)
+        check_signature(fn, loss_fn)
         _common.check_flag(fn, "has_aux", has_aux)
-        self.graphdef, params, rest = _split(fn, model, wrt)
+        self.graphdef, params, rest = split_model(fn, model, wrt)
         self.wrt = wrt
         self.has_aux = has_aux
-        pure = _nnx.pure_loss(f"{fn}.step", loss_fn, self.graphdef, wrt, has_aux)
-
-        def runtime_loss(params: Any, rest: Any, batch: Any) -> Any:
-            loss, (aux, new_rest) = pure(params, rest, batch)
-            return loss, ((new_rest, aux) if has_aux else new_rest)
-
         self.runtime = runtime.Trainer(
             tx,
-            runtime_loss,
+            runtime_loss(f"{fn}.step", loss_fn, self.graphdef, wrt, has_aux),
             descent_device=descent_device,
             ascent_device=ascent_device,
             ascent_batch_size=ascent_batch_size,
@@ -154,7 +138,7 @@ class Trainer:
             pairing=pairing,
         )
         self._state: runtime.TrainerState | None = None
-        if _is_abstract(fn, params, rest):  # checks the arguments, allocates nothing
+        if is_abstract(fn, params, rest):  # checks the arguments, allocates nothing
             fresh = self.runtime._init(params, rest, abstract=True)
         else:
             fresh = self._state = self.runtime.init(params, rest)
@@ -263,7 +247,41 @@ class Trainer:
         )
 
 
-def _check_signature(fn: str, loss_fn: Callable[..., Any]) -> None:
+def runtime_loss(
+    fn: str, loss_fn: Callable[..., Any], graphdef: Any, wrt: Any, has_aux: bool
+) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """``loss_fn(model, batch)`` as the runtime's ``loss(params, rest, batch)``.
+
+    ``-> (loss, new_rest)``, or ``(loss, (new_rest, aux))`` with ``has_aux``:
+    the loss with state (``has_state=True``) of :class:`samx.runtime.Trainer`
+    and :func:`samx.runtime.calibrate_ascent_batch`, on the pure states that
+    :func:`split_model` gives.
+    """
+    pure = _nnx.pure_loss(fn, loss_fn, graphdef, wrt, has_aux)
+
+    def loss(params: Any, rest: Any, batch: Any) -> Any:
+        value, (aux, new_rest) = pure(params, rest, batch)
+        return value, ((new_rest, aux) if has_aux else new_rest)
+
+    return loss
+
+
+def check_model(fn: str, model: Any) -> None:
+    """A clear error for a model that is not an ``nnx.Module`` (linen: a hint)."""
+    if not isinstance(model, nnx.Module):
+        hint = (
+            " For a linen model, use `samx.runtime.Trainer(tx, loss_fn,"
+            " has_state=True)` with its `batch_stats` as the model state."
+            if hasattr(model, "apply") and hasattr(model, "init")
+            else ""
+        )
+        raise TypeError(
+            f"`{fn}(model=...)` must be an `nnx.Module`, got"
+            f" {type(model).__name__}.{hint}"
+        )
+
+
+def check_signature(fn: str, loss_fn: Callable[..., Any]) -> None:
     """A clear error for a loss that cannot be called as ``loss_fn(model, batch)``."""
     try:
         signature = inspect.signature(loss_fn)
@@ -275,12 +293,12 @@ def _check_signature(fn: str, loss_fn: Callable[..., Any]) -> None:
         raise TypeError(
             f"`{fn}(loss_fn=...)` must be callable as `loss_fn(model, batch)`, the"
             f" loss of the samx.flax helpers; its signature is {signature} ({e})."
-            " A loss of `(params, model_state, batch)` is for"
-            " `samx.runtime.Trainer(has_state=True)`."
+            " A loss of `(params, model_state, batch)` is for samx.runtime's"
+            " Trainer and calibrate_ascent_batch, with `has_state=True`."
         ) from None
 
 
-def _split(fn: str, model: nnx.Module, wrt: Any) -> tuple[Any, Any, Any]:
+def split_model(fn: str, model: nnx.Module, wrt: Any) -> tuple[Any, Any, Any]:
     """``(graphdef, params, rest)``, both states pure; a clear error for ``wrt``."""
     try:
         graphdef, params, rest = nnx.split(model, wrt, ...)
@@ -292,12 +310,12 @@ def _split(fn: str, model: nnx.Module, wrt: Any) -> tuple[Any, Any, Any]:
     if not jax.tree.leaves(params):
         raise ValueError(
             f"`{fn}(wrt=...)` selects no variable of the model, got {wrt!r}: the"
-            " Trainer would have nothing to train (the default is `nnx.Param`)."
+            " gradient would be empty (the default is `nnx.Param`)."
         )
     return graphdef, nnx.as_pure(params), nnx.as_pure(rest)
 
 
-def _is_abstract(fn: str, params: Any, rest: Any) -> bool:
+def is_abstract(fn: str, params: Any, rest: Any) -> bool:
     """Whether the model is abstract (``nnx.eval_shape``): all leaves or none."""
     leaves = jax.tree.leaves((params, rest))
     abstract = [isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
