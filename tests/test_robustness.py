@@ -2399,7 +2399,17 @@ def _descent_grad_fn(attribute):
 
 
 def _descent_under_cond():
-    tx = optax.apply_if_finite(samx.sam(optax.sgd(0.1)), 3)
+    # A wrapper of one's own that calls tx.update under lax.cond (optax's
+    # apply_if_finite and MultiSteps are refused before, by samx itself).
+    inner = samx.sam(optax.sgd(0.1))
+
+    def update(updates, state, params=None, **extra_args):
+        def run(_):
+            return inner.update(updates, state, params, **extra_args)
+
+        return jax.lax.cond(True, run, run, None)
+
+    tx = optax.GradientTransformationExtraArgs(inner.init, update)
     state = samx.flax.TrainState.create(
         apply_fn=_DENSE.apply, params=_LINEN_PARAMS, tx=tx
     )
@@ -2420,7 +2430,7 @@ DESCENT_GRAD_FN_CASES = [
         )
         for attribute in ("loss", "aux", "value", "model_state")
     ],
-    _case(  # optax.apply_if_finite calls tx.update under lax.cond
+    _case(
         "descent-pass-under-lax-cond",
         _descent_under_cond,
         (),
@@ -2810,6 +2820,84 @@ FLAX_TRAINER_CASES = [
 ]
 
 
+# -- optax wrappers that misuse a samx transform: MultiSteps, apply_if_finite ----
+
+_WRAPPERS = {
+    "multisteps": (lambda tx: optax.MultiSteps(tx, 2), r"optax\.MultiSteps"),
+    "apply_if_finite": (
+        lambda tx: optax.apply_if_finite(tx, 3),
+        r"optax\.apply_if_finite",
+    ),
+    "skip_multisteps": (
+        lambda tx: samx.skip_nonfinite(optax.MultiSteps(tx, 2)),
+        r"optax\.MultiSteps",
+    ),
+    "chain_multisteps": (
+        lambda tx: optax.MultiSteps(optax.chain(optax.clip(1.0), tx), 2),
+        r"optax\.MultiSteps",
+    ),
+}
+_WRAPPER_FIX = {
+    r"optax\.MultiSteps": r"samx\.microbatched",
+    r"optax\.apply_if_finite": r"samx\.skip_nonfinite",
+}
+
+
+def _wrapped_update(name, wrapper):
+    """The plain optax loop: ``tx.update`` in the user's own ``jax.jit``."""
+    tx = _WRAPPERS[wrapper][0](FACTORIES[name](optax.sgd(0.1)))
+
+    @jax.jit
+    def step(state):
+        grads = jax.grad(_loss)(PARAMS, BATCH)
+        return tx.update(
+            grads, state, PARAMS, grad_fn=lambda p, i: jax.grad(_loss)(p, BATCH)
+        )
+
+    return step(tx.init(PARAMS))
+
+
+def _wrapped_trainer_step(name, wrapper):
+    tx = _WRAPPERS[wrapper][0](FACTORIES[name](optax.sgd(0.1)))
+    trainer = runtime.Trainer(tx, _loss)
+    return trainer.step(trainer.init(PARAMS), BATCH)
+
+
+def _wrapped_flax_trainer_step(name, wrapper):
+    tx = _WRAPPERS[wrapper][0](FACTORIES[name](optax.sgd(0.1)))
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    return samx.flax.Trainer(model, tx, _nnx_loss).step(_FB)
+
+
+def _wrapped_nnx_step(name, wrapper):
+    tx = _WRAPPERS[wrapper][0](FACTORIES[name](optax.sgd(0.1)))
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return samx.flax.make_nnx_train_step(_nnx_loss)(model, optimizer, _FB)
+
+
+WRAPPER_CASES = [
+    _case(
+        # the plain loop's cases are named after the transform, its public name
+        (f"{name}-update" if prefix == "update" else prefix)
+        + f"-inside-{wrapper}-{name}",
+        call,
+        (name, wrapper),
+        {},
+        ValueError,
+        rf"samx\.{name} cannot run inside `{_WRAPPERS[wrapper][1]}`.*"
+        + _WRAPPER_FIX[_WRAPPERS[wrapper][1]],
+    )
+    for prefix, call in (
+        ("update", _wrapped_update),
+        ("Trainer", _wrapped_trainer_step),
+        ("Trainer-flax", _wrapped_flax_trainer_step),
+        ("make_nnx_train_step", _wrapped_nnx_step),
+    )
+    for wrapper in _WRAPPERS
+    for name in FACTORIES
+]
+
 # -- one batch size per run: a smaller last batch of an epoch --------------------
 
 _FULL = {"x": np.ones((16, 3), np.float32), "y": np.ones((16, 2), np.float32)}
@@ -2900,7 +2988,6 @@ SHORT_BATCH_CASES = [
     )
     for method in methods
 ]
-
 
 # -- samx.flax.calibrate_ascent_batch --------------------------------------------
 
@@ -3063,6 +3150,7 @@ CASES = [
     *_prefixed("Trainer", FLAX_TRAINER_CASES),
     *SHORT_BATCH_CASES,
     *_prefixed("calibrate_ascent_batch", CALIBRATE_FLAX_CASES),
+    *WRAPPER_CASES,
 ]
 
 
