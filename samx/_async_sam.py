@@ -115,7 +115,10 @@ def async_sam(
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
         optax schedule of the step count (checked at steps 0, 1, 10, ...,
-        1e6 when the transform is built; not inside a jitted step).
+        1e6 when the transform is built). A value out of range inside a
+        jitted step (a schedule elsewhere, or one set through
+        ``optax.inject_hyperparams``) makes the step's updates NaN, which
+        ``samx.skip_nonfinite`` skips and samx's loops warn about.
         ``rho = 0`` gives exactly the trajectory of ``base``, in float64 too.
       adaptive: use ASAM's scale-invariant perturbation.
       eta: ASAM's offset in ``T = |x| + eta``, ``>= 0``; used only when

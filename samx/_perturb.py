@@ -42,11 +42,30 @@ def f32_global_norm(tree: Any) -> jax.Array:
     return global_norm(tree, jnp.float32)
 
 
-def hparam_value(value: Any, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """A ``dtype`` scalar from a number, an array or a schedule of ``count``."""
+def hparam_value(
+    value: Any,
+    count: jax.Array,
+    dtype: Any = jnp.float32,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+) -> jax.Array:
+    """A ``dtype`` scalar from a number, an array or a schedule of ``count``.
+
+    A value outside ``[low, high]`` gives NaN. Values known when the transform
+    is built are checked then (``_checks.check_scalar``); this catches those
+    that are not: a schedule between the steps it was checked at, or a value
+    injected at run time by ``optax.inject_hyperparams``, which cannot be read
+    inside a step without a host synchronisation. The step's updates are then
+    NaN rather than silently those of another method (a negative ``rho``
+    ascends the sharpness): ``samx.skip_nonfinite`` skips such steps, and
+    samx's loops warn.
+    """
     if callable(value):
         value = value(count)
-    return jnp.asarray(value, dtype)
+    value = jnp.asarray(value, dtype)
+    ok = value >= low if high is None else (value >= low) & (value <= high)
+    return jnp.where(ok, value, jnp.asarray(jnp.nan, dtype))
 
 
 def weights_mask(params: Any) -> Any:

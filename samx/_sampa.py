@@ -95,7 +95,10 @@ def sampa(
         ``optax.sgd(0.1, momentum=0.9)``.
       rho: the perturbation radius, ``>= 0``: a float, a scalar array or an
         optax schedule of the step count (checked at steps 0, 1, 10, ...,
-        1e6 when the transform is built; not inside a jitted step).
+        1e6 when the transform is built). A value out of range inside a
+        jitted step (a schedule elsewhere, or one set through
+        ``optax.inject_hyperparams``) makes the step's updates NaN, which
+        ``samx.skip_nonfinite`` skips and samx's loops warn about.
       lam: the weight of the auxiliary gradient in the descent direction, in
         ``[0, 1]``: a float, a scalar array or an optax schedule of the step
         count, checked as ``rho`` is. The paper uses 0.2 for vision and 0.1
@@ -170,7 +173,7 @@ def sampa(
         aux_grad = grad_fn(aux_point, 1)
         _checks.check_like_params(fn, "the result of `grad_fn(_, 1)`", aux_grad, params)
         dtype = _perturb.compute_dtype(params)  # float32, or float64 for float64
-        lam_t = _perturb.hparam_value(lam, state.count, dtype)
+        lam_t = _perturb.hparam_value(lam, state.count, dtype, high=1.0)
 
         def mix(a, b):  # non-finite entries of g_{t+1} are left out of d
             b = jnp.asarray(b, dtype)

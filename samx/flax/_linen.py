@@ -11,7 +11,9 @@ from flax.core import unfreeze
 from flax.training import train_state
 
 from samx import _chain, _checks, _plan
+from samx._nonfinite import all_finite
 from samx.flax import _common
+from samx.runtime import _watch
 
 
 class TrainState(train_state.TrainState):
@@ -487,10 +489,16 @@ def make_linen_train_step(
     @jax.jit
     def jitted(
         state: Any, batch: Any, prev_batch: Any = None, ascent_batch: Any = None
-    ) -> tuple[Any, dict[str, Any]]:
-        return step(state, batch, prev_batch=prev_batch, ascent_batch=ascent_batch)
+    ) -> tuple[Any, dict[str, Any], jax.Array]:
+        state, metrics = step(
+            state, batch, prev_batch=prev_batch, ascent_batch=ascent_batch
+        )
+        return state, metrics, all_finite(state.params)
+
+    watch = _watch.NonfiniteWatch()
 
     sizes: list[int] = []  # the first batch's leading size
+    fn_step = "samx.flax.make_linen_train_step's step"
 
     def train_step(state: Any, batch: Any, *args, **kwargs) -> Any:
         # Named as the step's other errors are: the step is linen_train_step's.
@@ -499,9 +507,10 @@ def make_linen_train_step(
             "samx.flax.linen_train_step", size, sizes[0] if sizes else None
         )
         state = _with_prev_batch(state, batch, pairing)
-        out = jitted(state, batch, *args, **kwargs)
+        state, metrics, finite = jitted(state, batch, *args, **kwargs)
         sizes[:] = [size]
-        return out
+        watch.see(fn_step, finite, getattr(state, "opt_state", None))
+        return state, metrics
 
     return train_step
 

@@ -8,7 +8,9 @@ import optax
 from flax import nnx
 
 from samx import _chain, _plan
+from samx._nonfinite import all_finite
 from samx.flax import _common
+from samx.runtime import _watch
 
 
 def _is_variable(x: Any) -> bool:
@@ -429,8 +431,8 @@ def make_nnx_train_step(
         batch: Any,
         prev_batch: Any = None,
         ascent_batch: Any = None,
-    ) -> dict[str, Any]:
-        return nnx_train_step(
+    ) -> tuple[dict[str, Any], jax.Array]:
+        metrics = nnx_train_step(
             model,
             optimizer,
             batch,
@@ -441,8 +443,12 @@ def make_nnx_train_step(
             ascent_batch_size=ascent_batch_size,
             pairing=pairing,
         )
+        return metrics, all_finite(nnx.state(model, nnx.Param))
+
+    watch = _watch.NonfiniteWatch()
 
     sizes: list[int] = []  # the first batch's leading size
+    fn_step = "samx.flax.make_nnx_train_step's step"
 
     def step(model: Any, optimizer: Any, batch: Any, *args, **kwargs) -> Any:
         # Named as the step's other errors are: the step is nnx_train_step's.
@@ -451,9 +457,10 @@ def make_nnx_train_step(
             "samx.flax.nnx_train_step", size, sizes[0] if sizes else None
         )
         _add_prev_batch(optimizer, batch, pairing)
-        out = jitted(model, optimizer, batch, *args, **kwargs)
+        metrics, finite = jitted(model, optimizer, batch, *args, **kwargs)
         sizes[:] = [size]
-        return out
+        watch.see(fn_step, finite, getattr(optimizer, "opt_state", None))
+        return metrics
 
     return step
 

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from samx import _chain, _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import method_of as method_of
-from samx.runtime import _devices, _processes
+from samx.runtime import _devices, _processes, _watch
 
 
 def value_and_grad(loss_fn: Callable[..., Any], has_state: bool) -> Callable:
@@ -280,6 +280,7 @@ class Trainer:
                 f" {type(sampa_vmap).__name__} {sampa_vmap!r}."
             )
         self.tx = optax.with_extra_args_support(tx)
+        self._watch = _watch.NonfiniteWatch()
         self.loss_fn = loss_fn
         self._value_and_grad = value_and_grad(loss_fn, has_state)
         self.has_state = has_state
@@ -494,6 +495,7 @@ class Trainer:
         if plan.uses(_plan.PREVIOUS):
             state = state._replace(prev_batch=batch_d)
         self._batch_size = size
+        self._watch.see(fn, metrics["grad_norm"], state.opt_state, stacklevel=4)
         return state, metrics
 
     # -- jitted pieces -----------------------------------------------------------
