@@ -7,11 +7,16 @@ of every public module of samx: a module under ``samx/`` none of whose dotted
 parts starts with an underscore, that assigns ``__all__`` a literal tuple or
 list (read from the source, without importing the module). Exits non-zero,
 naming each missing ``module.name``, if one is not described on a page under
-``api/``. The standard library only.
+``api/``, or naming each page whose text spells a type or a default out where
+a short name reads (``Callable[[Array | ndarray | ...`` for
+``optax.ScalarOrSchedule``, ``<class '...'>`` for ``nnx.Param``). The standard
+library only.
 """
 
 import ast
+import html
 import pathlib
+import re
 import sys
 import zlib
 
@@ -49,6 +54,23 @@ def inventory(html: pathlib.Path) -> dict[str, str]:
     return entries
 
 
+# What an API page must not show: a type alias expanded, a default's repr.
+UNREADABLE = re.compile(
+    r"Callable\[\[Array \| ndarray|<class '[^']*'>|<function [^>]*>| object at 0x"
+)
+
+
+def unreadable(site: pathlib.Path) -> list[str]:
+    """``page: text`` for each API page that shows what ``UNREADABLE`` matches."""
+    found = []
+    for page in sorted((site / "api").rglob("*.html")):
+        text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))
+        found += [
+            f"{page.relative_to(site)}: {m.group(0)}" for m in UNREADABLE.finditer(text)
+        ]
+    return found
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         sys.exit(__doc__)
@@ -64,6 +86,15 @@ def main(argv: list[str]) -> int:
         print(
             f"{len(missing)} public name(s) missing from the API pages (docs/api/):",
             *missing,
+            sep="\n  ",
+        )
+        return 1
+    spelled_out = unreadable(pathlib.Path(argv[0]))
+    if spelled_out:
+        print(
+            "API pages that spell a type or a default out (docs/conf.py:"
+            " autodoc_type_aliases, autodoc_preserve_defaults):",
+            *spelled_out,
             sep="\n  ",
         )
         return 1

@@ -61,6 +61,12 @@ autosummary_generate = True
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"  # the Args, not every field
 autodoc_member_order = "bysource"
+# Signatures read in one line: the source's defaults (`nnx.Param`, not
+# "<class 'flax.nnx.variablelib.Param'>") and optax's alias for a hyperparameter
+# that may be a schedule, not its expansion (the modules that use it have
+# `from __future__ import annotations`, which this needs).
+autodoc_preserve_defaults = True
+autodoc_type_aliases = {"optax.ScalarOrSchedule": "optax.ScalarOrSchedule"}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # A docstring's "Attributes:" as a field list: the properties that ":members:"

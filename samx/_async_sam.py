@@ -1,5 +1,7 @@
 """AsyncSAM: SAM with a one-step-stale ascent gradient, as an optax transform."""
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any, NamedTuple
 

@@ -1,5 +1,7 @@
 """SAM and ASAM: sharpness-aware minimization as an optax transform."""
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any, NamedTuple
 

@@ -1,5 +1,7 @@
 """SAMPa: SAM with its two gradients parallelized, as an optax transform."""
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
