@@ -158,3 +158,23 @@ def test_the_linen_helper_step_warns_too():
     assert len(caught) == 1
     assert "make_linen_train_step" in str(caught[0].message)
     assert caught[0].filename == __file__
+
+
+def test_the_data_parallel_step_warns_too():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    step = runtime.make_data_parallel_step(
+        samx.sam(optax.sgd(0.1), rho=0.05), _loss, mesh
+    )
+    params = {"w": jnp.zeros(3)}
+    opt_state = samx.sam(optax.sgd(0.1), rho=0.05).init(params)
+    x = np.ones((8, 3), np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(4):
+            y = np.full(8, np.nan if t == 1 else 1.0, np.float32)
+            params, opt_state, metrics = step(params, opt_state, {"x": x, "y": y})
+            jax.block_until_ready(metrics)
+    caught = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(caught) == 1
+    assert "make_data_parallel_step's step" in str(caught[0].message)
+    assert caught[0].filename == __file__

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from samx import _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import evaluation_plan
+from samx.runtime import _watch
 from samx.runtime._processes import put_batch
 from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
 
@@ -270,7 +271,7 @@ def make_data_parallel_step(
         batch = put_batch(fn, batch, in_batch)
         if m_sharpness:
             params, opt_state = jax.device_put((params, opt_state), every)
-            return jitted(params, opt_state, batch)
+            return watched(jitted(params, opt_state, batch))
         # Keep the shardings the state comes with (state that is not on this
         # mesh yet is replicated), and pin the outputs to them.
         out = jax.tree.map(on_mesh, (params, opt_state))
@@ -281,6 +282,12 @@ def make_data_parallel_step(
                 lambda p, s, b: body(p, s, b, local=False),
                 out_shardings=(*out, every),
             )
-        return compiled[key](params, opt_state, batch)
+        return watched(compiled[key](params, opt_state, batch))
+
+    watch = _watch.NonfiniteWatch()
+
+    def watched(out):
+        watch.see(fn + "'s step", out[2]["grad_norm"], out[1], stacklevel=4)
+        return out
 
     return step
