@@ -48,7 +48,21 @@ def resolve(arg: str, device: Any) -> jax.Device:
                 pass
     raise ValueError(
         f"`{arg}={device!r}` is not a device here; available:"
-        f" {', '.join(available())} (or a `jax.Device`)."
+        f" {', '.join(available())} (or a `jax.Device`).{_cpu_hint(device)}"
+    )
+
+
+def _cpu_hint(device: Any) -> str:
+    """How to get ``"cpu:N"`` when this process has fewer CPU devices."""
+    if not isinstance(device, str) or not device.startswith("cpu:"):
+        return ""
+    index = device.removeprefix("cpu:")
+    if not index.isdecimal():
+        return ""
+    return (
+        f" JAX makes one CPU device unless told otherwise: for {device!r}, call"
+        f' `jax.config.update("jax_num_cpu_devices", {int(index) + 1})` right'
+        " after `import jax`, before JAX first runs."
     )
 
 
