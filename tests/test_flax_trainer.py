@@ -228,6 +228,9 @@ def _recorded_calibration(monkeypatch, calibrate):
         return 0.008 if device == CPU0 else 0.001 + 0.0005 * examples.shape[0]
 
     monkeypatch.setattr("samx.runtime._calibrate._median_seconds", fake)
+    monkeypatch.setattr(  # the transfers: a fixed time too
+        "samx.runtime._calibrate._transfer_seconds", lambda *args: 0.001
+    )
     return calibrate(), timed
 
 
@@ -263,8 +266,42 @@ def test_nnx_calibration_is_the_manual_split_merge_calibration(monkeypatch):
         ),
     )
     assert nnx_c == manual_c and nnx_c.ascent_batch_size == 8
+    assert nnx_c.transfer_seconds == 0.001 and nnx_c.hides
     assert [t[:2] for t in nnx_timed] == [t[:2] for t in manual_timed]
     assert nnx_timed[0][:2] == (CPU0, 16)  # the descent, on the whole batch
     for (*_, a), (*_, b) in zip(nnx_timed, manual_timed, strict=True):
         _close(a, b, tol=0)  # the same gradient: the same pass
     _close(nnx.state(model), nnx.state(before), tol=0)  # the model is not changed
+
+
+def test_the_flax_trainer_takes_the_calibration_itself(monkeypatch):
+    batch = _batches(1)[0]
+    devices = {"fast_device": CPU0, "slow_device": CPU1}
+    calibration, _ = _recorded_calibration(
+        monkeypatch,
+        lambda: samx.flax.calibrate_ascent_batch(
+            _net(), loss_aux, batch, has_aux=True, **devices
+        ),
+    )
+    trainer = samx.flax.Trainer(
+        _net(),
+        samx.async_sam(optax.sgd(0.1)),
+        loss_aux,
+        has_aux=True,
+        descent_device=CPU0,
+        ascent_device=CPU1,
+        ascent_batch_size=calibration,
+    )
+    assert trainer.runtime.ascent_batch_size == calibration.ascent_batch_size == 8
+    assert trainer.runtime.calibration is calibration
+    trainer.step(batch)
+    with pytest.raises(ValueError, match=r"timed .* as the ascent device"):
+        samx.flax.Trainer(
+            _net(),
+            samx.async_sam(optax.sgd(0.1)),
+            loss_aux,
+            has_aux=True,
+            descent_device=CPU0,
+            ascent_device=CPU0,
+            ascent_batch_size=calibration,
+        )

@@ -3119,6 +3119,68 @@ CALIBRATE_FLAX_CASES = [
 ]
 
 
+# -- Trainer(ascent_batch_size=calibration) for other devices or batches ---------
+
+_CPU0, _CPU1 = jax.devices("cpu")[:2]
+
+
+def _calibrated_trainer(b=8, fast=_CPU0, slow=_CPU1, step=False, **devices):
+    calibration = runtime.AscentBatchCalibration(
+        batch_size=b,
+        ascent_batch_size=2,
+        fast_seconds_per_example=0.001,
+        slow_seconds_per_example=0.002,
+        fast_device=fast,
+        slow_device=slow,
+        descent_seconds=0.008,
+        ascent_seconds={2: 0.004},
+        transfer_seconds=0.001,
+        hides=True,
+    )
+    trainer = runtime.Trainer(
+        samx.async_sam(optax.sgd(0.1)), _loss, ascent_batch_size=calibration, **devices
+    )
+    state = trainer.init(PARAMS)
+    return trainer.step(state, BATCH) if step else state
+
+
+_CAL = r"`Trainer\(ascent_batch_size=calibration\)` timed"
+CALIBRATION_CASES = [
+    _case(
+        "calibration-descent-device",
+        _calibrated_trainer,
+        (),
+        {"descent_device": _CPU1, "ascent_device": _CPU1},
+        ValueError,
+        _CAL + r" .* as the descent device \(`fast_device`\).*calibrate with",
+    ),
+    _case(
+        "calibration-ascent-device",
+        _calibrated_trainer,
+        (),
+        {"descent_device": _CPU0, "ascent_device": _CPU0},
+        ValueError,
+        _CAL + r" .* as the ascent device \(`slow_device`\).*calibrate with",
+    ),
+    _case(
+        "calibration-default-ascent-device",
+        _calibrated_trainer,
+        (),
+        {"descent_device": _CPU0},
+        ValueError,
+        _CAL + r" .* as the ascent device",
+    ),
+    _case(
+        "calibration-batch-size",
+        _calibrated_trainer,
+        (),
+        {"b": 16, "step": True, "descent_device": _CPU0, "ascent_device": _CPU1},
+        ValueError,
+        r"has 8 examples, but `Trainer\(ascent_batch_size=calibration\)` chose"
+        r" b' = 2 for batches of 16: calibrate on a batch of the size",
+    ),
+]
+
 CASES = [
     *(c for name in FACTORIES for c in _construction_cases(name)),
     *_prefixed("all_but_biases", ALL_BUT_BIASES_CASES),
@@ -3151,6 +3213,7 @@ CASES = [
     *SHORT_BATCH_CASES,
     *_prefixed("calibrate_ascent_batch", CALIBRATE_FLAX_CASES),
     *WRAPPER_CASES,
+    *_prefixed("Trainer", CALIBRATION_CASES),
 ]
 
 

@@ -1,6 +1,7 @@
 """samx.runtime.Trainer: same trajectory as the pure transform, placed, async."""
 
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -284,9 +285,14 @@ def test_state_is_a_pytree_that_round_trips():
 # --- calibration ---------------------------------------------------------------
 
 
-def _fake_timings(monkeypatch, descent, ascent):
-    """Replaces the clock: the descent takes ``descent`` s, b' takes ascent(b')."""
+def _fake_timings(monkeypatch, descent, ascent, transfer=0.0):
+    """Replaces the clock: the descent takes ``descent`` s, b' takes ascent(b'),
+    the transfers (both ways) ``transfer``."""
     calls = []
+    monkeypatch.setattr(
+        "samx.runtime._calibrate._transfer_seconds",
+        lambda params, fast, slow, repeats: transfer,
+    )
 
     def fake(fn, args, repeats):
         examples = jax.tree.leaves(args[2])[0]
@@ -299,9 +305,12 @@ def _fake_timings(monkeypatch, descent, ascent):
     return calls
 
 
-def _largest_hidden(batch, descent, ascent):
-    """The largest power of two b' <= batch with ascent(b') <= descent, else 1."""
-    fits = [2**k for k in range(batch.bit_length()) if ascent(2**k) <= descent]
+def _largest_hidden(batch, descent, ascent, transfer=0.0):
+    """The largest power of two b' <= batch with ascent(b') + transfer <=
+    descent, else 1."""
+    fits = [
+        2**k for k in range(batch.bit_length()) if ascent(2**k) + transfer <= descent
+    ]
     return max(fits, default=1)
 
 
@@ -321,9 +330,16 @@ def test_calibration_picks_the_largest_power_of_two_that_hides(
 ):
     params, loss, sample = mlp_problem(jax.random.key(0), batch=batch)
     calls = _fake_timings(monkeypatch, 0.008, ascent)
-    c = calibrate_ascent_batch(
-        loss, params, _numpy_batches(sample, 1)[0], fast_device=CPU0, slow_device=CPU1
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = calibrate_ascent_batch(
+            loss,
+            params,
+            _numpy_batches(sample, 1)[0],
+            fast_device=CPU0,
+            slow_device=CPU1,
+        )
+    assert len(caught) == (0 if c.hides else 1)  # the warning when b' = 1 does not
     assert c.ascent_batch_size == _largest_hidden(batch, 0.008, ascent)
     assert calls[0] == (CPU0, batch)  # the descent: the whole batch, fast device
     timed = [size for device, size in calls[1:]]
@@ -336,14 +352,154 @@ def test_calibration_picks_the_largest_power_of_two_that_hides(
     b_ = c.ascent_batch_size
     assert c.slow_seconds_per_example == pytest.approx(ascent(b_) / b_)
     assert (c.fast_device, c.slow_device) == (CPU0, CPU1)
+    assert c.transfer_seconds == 0.0
+    assert c.hides == (ascent(b_) <= 0.008)
+
+
+@pytest.mark.parametrize(
+    "transfer, expected", [(0.0, 8), (0.002, 4), (0.005, 2), (0.0065, 1), (0.01, 1)]
+)
+def test_calibration_counts_the_transfers(monkeypatch, transfer, expected):
+    # The ascent of b' takes 0.001 * b' on cpu:1, the descent 0.008 on cpu:0:
+    # without transfers b' = 8 hides; every transfer second takes examples off.
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=64)
+    _fake_timings(monkeypatch, 0.008, lambda b: 0.001 * b, transfer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = calibrate_ascent_batch(
+            loss,
+            params,
+            _numpy_batches(sample, 1)[0],
+            fast_device=CPU0,
+            slow_device=CPU1,
+        )
+    assert c.ascent_batch_size == expected
+    assert expected == _largest_hidden(64, 0.008, lambda b: 0.001 * b, transfer)
+    assert c.transfer_seconds == transfer
+    hides = 0.001 * expected + transfer <= 0.008
+    assert c.hides == hides
+    mine = [w for w in caught if "does not hide" in str(w.message)]
+    assert len(mine) == (0 if hides else 1)
+    if not hides:  # the measured times and the alternatives, in the warning
+        message = str(mine[0].message)
+        assert "1 ms" in message and f"{transfer * 1e3:.3g} ms" in message
+        assert "8 ms" in message and "SAMPa" in message and "b/4" in message
+        assert "ascent_device='cpu:0'" in message
+        assert mine[0].filename == __file__
+
+
+def test_calibration_times_real_transfers_between_two_devices():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batch = _numpy_batches(sample, 1)[0]
+    with warnings.catch_warnings():  # whether it hides depends on the machine
+        warnings.simplefilter("ignore")
+        c = calibrate_ascent_batch(
+            loss, params, batch, fast_device=CPU0, slow_device=CPU1, repeats=3
+        )
+        same = calibrate_ascent_batch(
+            loss, params, batch, fast_device=CPU0, slow_device=CPU0, repeats=3
+        )
+    assert c.transfer_seconds > 0 and isinstance(c.hides, bool)
+    assert same.transfer_seconds == 0.0
+
+
+def _calibration(b=8, b_=2, hides=True, fast=CPU0, slow=CPU1):
+    """A calibration as calibrate_ascent_batch returns one, its times made up."""
+    return samx.runtime.AscentBatchCalibration(
+        batch_size=b,
+        ascent_batch_size=b_,
+        fast_seconds_per_example=0.001,
+        slow_seconds_per_example=0.002,
+        fast_device=fast,
+        slow_device=slow,
+        descent_seconds=0.008,
+        ascent_seconds={b_: 0.004 if hides else 0.02},
+        transfer_seconds=0.001,
+        hides=hides,
+    )
+
+
+def _trajectory(trainer, params, batches):
+    state = trainer.init(params)
+    for batch in batches:
+        state, _ = trainer.step(state, batch)
+    return state.params
+
+
+def test_the_trainer_takes_a_calibration_as_its_ascent_batch():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=8)
+    batches = _numpy_batches(sample, 3)
+    devices = {"descent_device": CPU0, "ascent_device": CPU1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calibrated = Trainer(
+            TRANSFORMS["async_sam"](), loss, ascent_batch_size=_calibration(), **devices
+        )
+    assert caught == [] and calibrated.calibration == _calibration()
+    assert calibrated.ascent_batch_size == 2
+    by_hand = Trainer(TRANSFORMS["async_sam"](), loss, ascent_batch_size=2, **devices)
+    ours = _trajectory(calibrated, params, batches)
+    theirs = _trajectory(by_hand, params, batches)
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert by_hand.calibration is None
+
+
+def test_a_calibration_that_does_not_hide_warns_once_when_the_trainer_is_built():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = Trainer(
+            TRANSFORMS["async_sam"](),
+            loss,
+            descent_device=CPU0,
+            ascent_device=CPU1,
+            ascent_batch_size=_calibration(b_=1, hides=False),
+        )
+        _trajectory(trainer, params, _numpy_batches(sample, 3))  # steps: no more
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "does not hide" in message and "20 + 1 ms" in message
+    assert caught[0].filename == __file__
+
+
+def test_a_calibration_for_other_devices_or_batches_is_a_clear_error():
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=8)
+    tx = TRANSFORMS["async_sam"]()
+    with pytest.raises(ValueError, match=r"timed .* as the descent device"):
+        Trainer(tx, loss, descent_device=CPU1, ascent_batch_size=_calibration())
+    with pytest.raises(ValueError, match=r"timed .* as the ascent device"):
+        Trainer(
+            tx,
+            loss,
+            descent_device=CPU0,
+            ascent_device=CPU0,
+            ascent_batch_size=_calibration(),
+        )
+    # The default ascent device (the host CPU, cpu:0 here) is known at init.
+    trainer = Trainer(tx, loss, descent_device=CPU0, ascent_batch_size=_calibration())
+    with pytest.raises(ValueError, match=r"`ascent_device` is"):
+        trainer.init(params)
+    trainer = Trainer(
+        tx,
+        loss,
+        descent_device=CPU0,
+        ascent_device=CPU1,
+        ascent_batch_size=_calibration(b=16),
+    )
+    state = trainer.init(params)
+    with pytest.raises(ValueError, match=r"b' = 2 for batches of 16: calibrate on"):
+        trainer.step(state, _numpy_batches(sample, 1)[0])
 
 
 def test_calibration_reports_timings_consistent_with_its_choice():
     params, loss, sample = mlp_problem(jax.random.key(0), batch=64)
     batch = _numpy_batches(sample, 1)[0]
-    c = calibrate_ascent_batch(
-        loss, params, batch, fast_device=CPU0, slow_device=CPU1, repeats=3
-    )
+    with warnings.catch_warnings():  # whether it hides depends on the machine
+        warnings.simplefilter("ignore")
+        c = calibrate_ascent_batch(
+            loss, params, batch, fast_device=CPU0, slow_device=CPU1, repeats=3
+        )
     assert c.batch_size == 64
     assert 1 <= c.ascent_batch_size <= 64
     assert c.ascent_batch_size & (c.ascent_batch_size - 1) == 0
@@ -352,8 +508,11 @@ def test_calibration_reports_timings_consistent_with_its_choice():
     # one did not (b' = 1 is chosen even when it does not hide).
     for size, seconds in c.ascent_seconds.items():
         assert size & (size - 1) == 0 and size <= 64
-        hides = seconds <= c.descent_seconds
+        hides = seconds + c.transfer_seconds <= c.descent_seconds
         assert hides == (size <= c.ascent_batch_size) or size == 1
+    assert c.hides == (
+        c.ascent_seconds[c.ascent_batch_size] + c.transfer_seconds <= c.descent_seconds
+    )
     assert (c.fast_device, c.slow_device) == (CPU0, CPU1)
 
 

@@ -2,6 +2,7 @@
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,13 @@ class AscentBatchCalibration(NamedTuple):
       ascent_seconds: ``{b': seconds}``, the gradient on the first b'
         examples on the slow device, median over the repeats, for every
         candidate b' that was timed.
+      transfer_seconds: the parameters from the fast device to the slow one
+        plus a gradient (the parameters' shapes and dtypes) back, each the
+        median over the repeats, summed: what every AsyncSAM step moves
+        besides its two gradients. 0 when the two devices are one.
+      hides: whether the chosen b' hides behind the descent, ``ascent_seconds[
+        b'] + transfer_seconds <= descent_seconds``. False when even b' = 1
+        does not: then every step on two devices is slower than SGD.
     """
 
     batch_size: int
@@ -42,6 +50,8 @@ class AscentBatchCalibration(NamedTuple):
     slow_device: jax.Device
     descent_seconds: float
     ascent_seconds: dict[int, float]
+    transfer_seconds: float
+    hides: bool
 
 
 def _median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
@@ -53,6 +63,55 @@ def _median_seconds(fn: Callable, args: tuple, repeats: int) -> float:
         jax.block_until_ready(fn(*args))  # a one-off timing, not a train step
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _transfer_seconds(params: Any, fast: Any, slow: Any, repeats: int) -> float:
+    """The parameters fast -> slow plus a gradient like them slow -> fast.
+
+    What an AsyncSAM step moves between its devices besides computing; 0 when
+    the two devices are one.
+    """
+    if fast == slow:
+        return 0.0
+    return _put_seconds(params, fast, slow, repeats) + _put_seconds(
+        params, slow, fast, repeats
+    )
+
+
+def _put_seconds(tree: Any, source: Any, target: Any, repeats: int) -> float:
+    """The median time of a fresh ``jax.device_put`` of ``tree`` from
+    ``source`` to ``target``, over ``repeats`` after one."""
+    on_source = jax.block_until_ready(jax.device_put(tree, source))
+    jax.block_until_ready(jax.device_put(on_source, target))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(jax.device_put(on_source, target))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _warn_no_hiding(calibration: "AscentBatchCalibration") -> None:
+    """The warning when even b' = 1 does not hide behind the descent."""
+    c = calibration
+    ms = lambda s: f"{s * 1e3:.3g} ms"  # noqa: E731
+    local = jax.local_devices(backend=c.fast_device.platform)
+    fast = f"{c.fast_device.platform}:{local.index(c.fast_device)}"
+    warnings.warn(
+        "calibrate_ascent_batch: even b' = 1 does not hide behind the descent."
+        f" The ascent of one example on {c.slow_device} takes"
+        f" {ms(c.ascent_seconds[1])}, and the transfers (the parameters there,"
+        f" the gradient back) {ms(c.transfer_seconds)}, while the descent of"
+        f" {c.batch_size} examples on {c.fast_device} takes"
+        f" {ms(c.descent_seconds)}: AsyncSAM with its ascent on"
+        f" {c.slow_device} makes every step slower than SGD. Alternatives: the"
+        f" ascent on the accelerator itself (`Trainer(...,"
+        f" ascent_device={fast!r})`) at a b' from the frontier, e.g."
+        " b/4 or b/16 (docs: Cost and accuracy); or SAMPa, its two gradients"
+        " fused on the accelerator. `hides` is False.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def calibrate_ascent_batch(
@@ -153,6 +212,7 @@ def calibrate_ascent_batch(
         return _median_seconds(grad, args, repeats)
 
     descent = seconds(fast, batch)
+    transfer = _transfer_seconds(params, fast, slow, repeats)
     ascent: dict[int, float] = {}
     # Bisection over the exponents: 2**lo hides behind the descent (or lo is
     # -1), 2**hi does not (or exceeds b).
@@ -160,9 +220,10 @@ def calibrate_ascent_batch(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ascent[1 << mid] = seconds(slow, ascent_subset(batch, 1 << mid))
-        lo, hi = (mid, hi) if ascent[1 << mid] <= descent else (lo, mid)
+        hides = ascent[1 << mid] + transfer <= descent
+        lo, hi = (mid, hi) if hides else (lo, mid)
     chosen = 1 << max(lo, 0)  # 1 when even one example is slower: timed too
-    return AscentBatchCalibration(
+    calibration = AscentBatchCalibration(
         batch_size=size,
         ascent_batch_size=chosen,
         fast_seconds_per_example=descent / size,
@@ -171,4 +232,9 @@ def calibrate_ascent_batch(
         slow_device=slow,
         descent_seconds=descent,
         ascent_seconds=dict(sorted(ascent.items())),
+        transfer_seconds=transfer,
+        hides=lo >= 0,
     )
+    if not calibration.hides:
+        _warn_no_hiding(calibration)
+    return calibration

@@ -10,6 +10,7 @@ descent side may be a whole ``jax.sharding.Mesh`` (data parallel): the batch is
 then split along one mesh axis and the state replicated.
 """
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -121,6 +122,31 @@ class TrainerState(NamedTuple):
     prev_batch: Any
 
 
+def _calibration_of(value: Any) -> tuple[Any, Any]:
+    """``(b', calibration)`` from ``Trainer(ascent_batch_size=value)``: an int
+    (or None, or anything, checked next) and no calibration, or what
+    :func:`calibrate_ascent_batch` returned and the calibration itself. Warns,
+    once, here, if the calibration's b' does not hide behind the descent."""
+    from samx.runtime._calibrate import AscentBatchCalibration  # imports this
+
+    if not isinstance(value, AscentBatchCalibration):
+        return value, None
+    if not value.hides:
+        warnings.warn(
+            "samx.runtime.Trainer: its calibration says that even b' ="
+            f" {value.ascent_batch_size} does not hide behind the descent"
+            " (`hides` is False: the ascent of one example and the transfers"
+            f" took {value.ascent_seconds[value.ascent_batch_size] * 1e3:.3g}"
+            f" + {value.transfer_seconds * 1e3:.3g} ms, the descent"
+            f" {value.descent_seconds * 1e3:.3g} ms), so every step on two"
+            " devices will be slower than SGD. The calibration's own warning"
+            " gives the alternatives.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return value.ascent_batch_size, value
+
+
 class Trainer:
     """Trains with a samx transform, its two gradients placed on two devices.
 
@@ -201,8 +227,11 @@ class Trainer:
         descent device (both gradients fused).
       ascent_batch_size: AsyncSAM's ascent batch b' (the first b' examples of
         each batch that :meth:`step` is given: under ``jax.distributed``, of
-        each process's local batch); default the whole batch. See
-        :func:`samx.runtime.calibrate_ascent_batch`.
+        each process's local batch); default the whole batch. Or what
+        :func:`samx.runtime.calibrate_ascent_batch` returned: its b', checked
+        against this Trainer's devices (when built) and batch size (at each
+        step), with one warning when it is built if its ``hides`` is False.
+        Kept as ``trainer.calibration`` (None otherwise).
       has_state: whether ``loss_fn`` takes and returns a model state.
       sampa_vmap: SAMPa on one device: compute its two gradients in one
         ``vmap``-ed call (True) or as two gradients in one jit (False). Default:
@@ -265,12 +294,14 @@ class Trainer:
                 f" (or `loss_fn(params, model_state, batch)`), got"
                 f" {type(loss_fn).__name__}."
             )
+        ascent_batch_size, self.calibration = _calibration_of(ascent_batch_size)
         if ascent_batch_size is not None and (
             not _checks.is_int(ascent_batch_size) or ascent_batch_size < 1
         ):
             raise ValueError(
-                "`Trainer(ascent_batch_size=...)` must be an int >= 1 or None,"
-                f" got {ascent_batch_size!r}."
+                "`Trainer(ascent_batch_size=...)` must be an int >= 1, None or"
+                " what `samx.runtime.calibrate_ascent_batch` returned, got"
+                f" {ascent_batch_size!r}."
             )
         _checks.check_flag("Trainer", "has_state", has_state)
         _plan.check_pairing("Trainer", pairing)
@@ -318,6 +349,7 @@ class Trainer:
             if ascent_device is None
             else _devices.resolve("ascent_device", ascent_device)
         )
+        self._check_calibration_devices(self._ascent_arg)
         # A mesh over several processes: each feeds its part of the batch, and
         # AsyncSAM's ascent gradients, one per process, are averaged.
         self._multiprocess = self.mesh is not None and self.mesh.is_multi_process
@@ -326,6 +358,25 @@ class Trainer:
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
         self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
+
+    def _check_calibration_devices(self, ascent: Any) -> None:
+        """The calibration passed as ``ascent_batch_size`` timed this Trainer's
+        devices: its descent device, and ``ascent`` (None: not known yet)."""
+        c = self.calibration
+        if c is None:
+            return
+        pairs = (("descent_device", "fast_device", self.descent_device, c.fast_device),)
+        if ascent is not None:
+            pairs += (("ascent_device", "slow_device", ascent, c.slow_device),)
+        for arg, timed_arg, device, timed in pairs:
+            if device != timed:
+                raise ValueError(
+                    f"`Trainer(ascent_batch_size=calibration)` timed {timed} as"
+                    f" the {arg.split('_')[0]} device (`{timed_arg}`), but this"
+                    f" Trainer's `{arg}` is {device}: calibrate with"
+                    " `calibrate_ascent_batch(..., fast_device=..., slow_device=...)`"
+                    " set to the devices the Trainer trains on."
+                )
 
     # -- placement ---------------------------------------------------------------
 
@@ -414,6 +465,8 @@ class Trainer:
                 "`Trainer(ascent_batch_size=...)` is AsyncSAM's ascent batch;"
                 f" this transform is {plan.method!r}."
             )
+        if plan.uses(_plan.ASCENT):
+            self._check_calibration_devices(self.ascent_device_for(plan))
         if self._multiprocess:
             self._check_processes(plan)
 
@@ -464,6 +517,14 @@ class Trainer:
             )
         size = self._check_batch(fn, batch)
         _plan.check_batch_size(fn, size, self._batch_size)
+        if self.calibration is not None and size != self.calibration.batch_size:
+            raise ValueError(
+                f"`{fn}(batch=...)` has {size} examples, but"
+                " `Trainer(ascent_batch_size=calibration)` chose b' ="
+                f" {self.ascent_batch_size} for batches of"
+                f" {self.calibration.batch_size}: calibrate on a batch of the"
+                " size the training uses."
+            )
         plan = self.plan(state.opt_state)
         if plan.uses(_plan.ASCENT) and (self.ascent_batch_size or 0) > size:
             raise ValueError(
