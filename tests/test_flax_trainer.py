@@ -283,25 +283,21 @@ def test_the_flax_trainer_takes_the_calibration_itself(monkeypatch):
             _net(), loss_aux, batch, has_aux=True, **devices
         ),
     )
-    trainer = samx.flax.Trainer(
-        _net(),
-        samx.async_sam(optax.sgd(0.1)),
-        loss_aux,
-        has_aux=True,
-        descent_device=CPU0,
-        ascent_device=CPU1,
-        ascent_batch_size=calibration,
-    )
-    assert trainer.runtime.ascent_batch_size == calibration.ascent_batch_size == 8
-    assert trainer.runtime.calibration is calibration
-    trainer.step(batch)
-    with pytest.raises(ValueError, match=r"timed .* as the ascent device"):
-        samx.flax.Trainer(
+
+    def trainer_on(ascent_device):
+        return samx.flax.Trainer(
             _net(),
             samx.async_sam(optax.sgd(0.1)),
             loss_aux,
             has_aux=True,
             descent_device=CPU0,
-            ascent_device=CPU0,
+            ascent_device=ascent_device,
             ascent_batch_size=calibration,
         )
+
+    trainer = trainer_on(CPU1)
+    assert trainer.runtime.ascent_batch_size == calibration.ascent_batch_size == 8
+    assert trainer.runtime.calibration is calibration
+    trainer.step(batch)
+    with pytest.raises(ValueError, match=r"timed .* as the ascent device"):
+        trainer_on(CPU0)

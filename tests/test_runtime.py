@@ -305,6 +305,20 @@ def _fake_timings(monkeypatch, descent, ascent, transfer=0.0):
     return calls
 
 
+def _calibrate_recording_warnings(loss, params, sample):
+    """calibrate_ascent_batch from cpu:0 to cpu:1, and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = calibrate_ascent_batch(
+            loss,
+            params,
+            _numpy_batches(sample, 1)[0],
+            fast_device=CPU0,
+            slow_device=CPU1,
+        )
+    return c, caught
+
+
 def _largest_hidden(batch, descent, ascent, transfer=0.0):
     """The largest power of two b' <= batch with ascent(b') + transfer <=
     descent, else 1."""
@@ -330,15 +344,7 @@ def test_calibration_picks_the_largest_power_of_two_that_hides(
 ):
     params, loss, sample = mlp_problem(jax.random.key(0), batch=batch)
     calls = _fake_timings(monkeypatch, 0.008, ascent)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        c = calibrate_ascent_batch(
-            loss,
-            params,
-            _numpy_batches(sample, 1)[0],
-            fast_device=CPU0,
-            slow_device=CPU1,
-        )
+    c, caught = _calibrate_recording_warnings(loss, params, sample)
     assert len(caught) == (0 if c.hides else 1)  # the warning when b' = 1 does not
     assert c.ascent_batch_size == _largest_hidden(batch, 0.008, ascent)
     assert calls[0] == (CPU0, batch)  # the descent: the whole batch, fast device
@@ -364,15 +370,7 @@ def test_calibration_counts_the_transfers(monkeypatch, transfer, expected):
     # without transfers b' = 8 hides; every transfer second takes examples off.
     params, loss, sample = mlp_problem(jax.random.key(0), batch=64)
     _fake_timings(monkeypatch, 0.008, lambda b: 0.001 * b, transfer)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        c = calibrate_ascent_batch(
-            loss,
-            params,
-            _numpy_batches(sample, 1)[0],
-            fast_device=CPU0,
-            slow_device=CPU1,
-        )
+    c, caught = _calibrate_recording_warnings(loss, params, sample)
     assert c.ascent_batch_size == expected
     assert expected == _largest_hidden(64, 0.008, lambda b: 0.001 * b, transfer)
     assert c.transfer_seconds == transfer
