@@ -66,3 +66,44 @@ def test_every_notebook_is_on_the_notebooks_page():
         assert f"notebooks/{notebook.stem}\n" in page, (
             f"docs/notebooks.md lacks {notebook.name}"
         )
+
+
+# Furo's code blocks show 90 characters before they scroll (measured in
+# Chromium at windows 1100 to 1920 px wide); ruff formats Python to 88.
+CODE_WIDTH = 88
+
+
+def _code_lines(text):
+    """The lines of the fenced code blocks of ``text``, not of MyST directives."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        if fence is None:
+            if line.startswith("```"):
+                fence = line[3:].strip()
+        elif line.startswith("```"):
+            fence = None
+        elif not fence.startswith("{"):
+            lines.append(line)
+    return lines
+
+
+def _shown(page):
+    """A page's text, and the parts of other files that it includes."""
+    texts = [page.read_text()]
+    for including, path, start, end in _includes():
+        if including == page:
+            text = path.read_text()
+            text = text.split(start, 1)[1] if start else text
+            texts.append(text.split(end, 1)[0] if end else text)
+    return texts
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_code_lines_fit_the_page(page):
+    wide = [
+        line
+        for text in _shown(page)
+        for line in _code_lines(text)
+        if len(line) > CODE_WIDTH
+    ]
+    assert not wide, f"{page.name}: code lines over {CODE_WIDTH} characters: {wide}"

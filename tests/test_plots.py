@@ -51,3 +51,68 @@ def test_accuracy_vs_time_shows_the_spread_over_seeds(tmp_path):
     plots._pyplot().close(single)
     plots.accuracy_vs_time(_results(), str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# A docs page column: 736 px (furo, measured in Chromium); notebook figures are
+# drawn at 100 dpi and shrunk to fit it.
+COLUMN_PX, DPI = 736, 100
+
+
+def _landscape_figure():
+    steps, line = np.linspace(-1, 1, 21), np.linspace(-1, 1, 85)
+    x, y = np.meshgrid(steps, steps, indexing="ij")
+    surfaces = {
+        "SGD": np.exp(4 * x**2 + 3 * y**2),
+        "SAM": 1.4 * np.exp(2 * x**2 + y**2),
+    }
+    slices = {"SGD": np.exp(4 * line**2), "SAM": 1.4 * np.exp(2 * line**2)}
+    fig = plots.loss_landscapes(steps, surfaces, line, slices)
+    fig.set_dpi(DPI)
+    fig.canvas.draw()
+    return fig
+
+
+def _texts(fig):
+    """Every visible label, title and tick label: (axes, text, box in pixels)."""
+    renderer = fig.canvas.get_renderer()
+    texts = [
+        (ax, t)
+        for ax in fig.axes
+        for t in (ax.xaxis.label, ax.yaxis.label, ax.title)
+        + tuple(ax.get_xticklabels())
+        + tuple(ax.get_yticklabels())
+        if t.get_visible() and t.get_text()
+    ]
+    return [(ax, t, t.get_window_extent(renderer)) for ax, t in texts]
+
+
+def test_loss_landscapes_text_is_readable_in_a_page_column():
+    fig = _landscape_figure()
+    shrink = min(1.0, COLUMN_PX / (fig.get_figwidth() * DPI))
+    for _, text, _ in _texts(fig):  # at least 10 px tall on the page
+        assert text.get_fontsize() / 72 * DPI * shrink >= 10, text
+    plots._pyplot().close(fig)
+
+
+def test_loss_landscapes_labels_keep_apart():
+    # The colour bar's label once touched the next panel's y label.
+    fig = _landscape_figure()
+    texts = _texts(fig)
+    (colorbar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    label = colorbar.yaxis.label.get_window_extent(fig.canvas.get_renderer())
+    for i, (ax, a, box) in enumerate(texts):
+        for _, b, other in texts[i + 1 :]:
+            assert not box.overlaps(other), (a.get_text(), b.get_text())
+        if ax is not colorbar:  # another panel's text: 10 px away from it
+            assert not box.overlaps(label.padded(10)), a.get_text()
+    plots._pyplot().close(fig)
+
+
+def test_loss_landscapes_panels():
+    fig = _landscape_figure()
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["SGD solution", "SAM solution", "1-D slice along direction 1"]
+    (colorbar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert colorbar.get_ylabel() == "loss on the fixed batch"
+    assert colorbar.get_yscale() == "log"  # levels shared, spaced logarithmically
+    plots._pyplot().close(fig)

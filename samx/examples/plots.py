@@ -1,6 +1,8 @@
-"""Plots of the comparison: accuracy against wall time, final accuracy."""
+"""Plots of the comparison (accuracy against wall time, final accuracy) and of
+loss landscapes."""
 
 import statistics
+from typing import Any
 
 from samx.examples.train import ALL
 
@@ -180,3 +182,73 @@ def frontier(record: dict, path: str) -> None:
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def loss_landscapes(
+    steps: Any, surfaces: dict, line: Any, slices: dict, *, width: float = 9.0
+):
+    """Loss landscapes of several solutions, and their 1-D slices.
+
+    Top row: one filled contour panel per solution, on levels spaced
+    logarithmically and shared by the panels (one colour bar); a red cross at
+    the solution. Bottom: the slices along the first direction, on a log
+    scale. ``width`` is in inches: at 9, a page column about 740 px wide shows
+    the 10-point tick labels at about 11 px.
+
+    Args:
+      steps: the grid's steps along each direction, as given to
+        :func:`samx.diagnostics.loss_surface_2d`.
+      surfaces: ``{label: surface}``, ``surface[i, j]`` the loss at step
+        ``steps[i]`` along the first direction and ``steps[j]`` along the
+        second.
+      line: the steps of the slices.
+      slices: ``{label: slice}``, as :func:`samx.diagnostics.loss_slice_1d`
+        returns.
+      width: the figure's width, in inches.
+
+    Returns:
+      The matplotlib figure.
+    """
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    low = min(float(np.min(s)) for s in surfaces.values())
+    high = max(float(np.max(s)) for s in surfaces.values())
+    levels = np.geomspace(low, high, 16)
+    norm = matplotlib.colors.LogNorm(low, high)
+    names = list(surfaces)
+    fig, axes = plt.subplot_mosaic(
+        [names, ["slice"] * len(names)],
+        figsize=(width, width * 0.85),
+        layout="constrained",
+        height_ratios=(1.25, 1),
+    )
+    for name in names:
+        ax = axes[name]
+        surface = np.asarray(surfaces[name]).T  # contourf wants [y, x]
+        filled = ax.contourf(steps, steps, surface, levels=levels, norm=norm)
+        ax.contour(steps, steps, surface, levels=levels, colors="k", linewidths=0.3)
+        ax.plot(0, 0, "r+", markersize=10)
+        ax.set_title(f"{name} solution")
+        ax.set_xlabel("step along direction 1")
+        ax.set_xticks([-1, -0.5, 0, 0.5, 1])
+        ax.set_yticks([-1, -0.5, 0, 0.5, 1])
+        ax.set_aspect("equal")
+    axes[names[0]].set_ylabel("step along direction 2")
+    fig.colorbar(
+        filled,
+        ax=[axes[n] for n in names],
+        label="loss on the fixed batch",
+        format="%.3g",
+    )
+    ax = axes["slice"]
+    for name in names:
+        ax.plot(line, slices[name], label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step along direction 1")
+    ax.set_ylabel("loss on the fixed batch")
+    ax.set_title("1-D slice along direction 1")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
