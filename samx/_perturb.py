@@ -183,7 +183,8 @@ def perturbation(
     SAM: ``e = rho * g / (||g|| + eps)``. ASAM (``adaptive=True``):
     ``T = |x| + eta`` on the leaves where ``mask`` is true and ``T = 1``
     elsewhere, ``e = rho * T**2 * g / (||T * g|| + eps)``. A zero direction
-    gives a zero perturbation, and so does a direction with a NaN or an
+    gives a zero perturbation (with ``eps = 0`` too), and so does a direction
+    with a NaN or an
     infinity (its norm is then not finite): a non-finite stored gradient never
     reaches the parameters. The check reuses the norm, a scalar, and the
     selection fuses into the elementwise product: no extra pass over the tree.
@@ -214,11 +215,18 @@ def perturbation(
         )
         tg = jax.tree.map(jnp.multiply, scale, g)
         norm = global_norm(tg, dtype)
-        ok, inv = jnp.isfinite(norm), rho / (norm + eps)
+        ok, inv = _usable(norm), rho / (norm + eps)
         return jax.tree.map(lambda t, x: jnp.where(ok, inv * t * x, 0), scale, tg)
     norm = global_norm(g, dtype)
-    ok, inv = jnp.isfinite(norm), rho / (norm + eps)
+    ok, inv = _usable(norm), rho / (norm + eps)
     return jax.tree.map(lambda x: jnp.where(ok, inv * x, 0), g)
+
+
+def _usable(norm: jax.Array) -> jax.Array:
+    """Whether a direction of this norm perturbs: finite and not zero (a zero
+    direction gives no perturbation, also with ``eps = 0``, where ``rho / 0``
+    times 0 would be NaN)."""
+    return jnp.isfinite(norm) & (norm > 0)
 
 
 def add_perturbation(params: Any, e: Any) -> Any:

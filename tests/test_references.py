@@ -95,3 +95,26 @@ def test_the_default_eps_is_davda54_sam(problem):
     assert _apart(default, theirs) <= 1e-15  # measured 1.7e-16
     exact = samx_trajectory(samx.sam(torch_sgd, RHO, eps=0.0), params, loss, batches)
     assert _apart(exact, theirs) > 1e-14  # measured 6.0e-13
+
+
+@pytest.mark.parametrize("method", ["sam", "async_sam", "sampa"])
+def test_eps_zero_is_safe_on_a_zero_direction(method):
+    # AsyncSAM's and SAMPa's stored gradient starts at zero: rho / (0 + 0) * 0
+    # was NaN at their first step with eps=0. A zero direction: no perturbation.
+    def loss(p, b):
+        return jnp.mean((b @ p["w"] - 1.0) ** 2)
+
+    params, batch = {"w": jnp.full(3, 0.3)}, jnp.eye(3)
+    tx = getattr(samx, method)(optax.sgd(0.1), rho=0.05, eps=0.0)
+    state = tx.init(params)
+    for _ in range(3):
+        grads = jax.grad(loss)(params, batch)
+        updates, state = tx.update(
+            grads, state, params, grad_fn=lambda p, i: jax.grad(loss)(p, batch)
+        )
+        params = optax.apply_updates(params, updates)
+        assert bool(jnp.isfinite(params["w"]).all())
+    zero = {"w": jnp.zeros(3)}
+    tx = samx.sam(optax.sgd(0.1), rho=0.05, eps=0.0)
+    updates, _ = tx.update(zero, tx.init(params), params, grad_fn=lambda p, i: zero)
+    assert bool((updates["w"] == 0).all())
