@@ -162,9 +162,17 @@ def resolve_mask(fn: str, mask: Mask | None, params: Any) -> Any:
     try:
         return jax.tree.map(lambda _, m: bool(m), params, tree)
     except (ValueError, TypeError) as e:
+        hint = ""
+        if isinstance(mask, bool) or getattr(mask, "ndim", None) == 0:
+            hint = (
+                f" It is a scalar, {mask!r}: through `optax.inject_hyperparams`, a"
+                " callable mask is taken for a schedule of the step count unless"
+                " listed in `static_args`, e.g."
+                ' `optax.inject_hyperparams(samx.sam, static_args=("mask",))`.'
+            )
         raise ValueError(
             f"{fn}: `mask` must be a tree of bools with the structure of"
-            " `params` (or a function of `params` that returns one)."
+            " `params` (or a function of `params` that returns one)." + hint
         ) from e
 
 

@@ -3144,6 +3144,26 @@ def _calibrated_trainer(b=8, fast=_CPU0, slow=_CPU1, step=False, **devices):
     return trainer.step(state, BATCH) if step else state
 
 
+def _injected_callable_mask():
+    tx = optax.inject_hyperparams(samx.sam)(
+        optax.sgd(0.1), adaptive=True, mask=samx.all_but_biases
+    )
+    return tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=_ones_grad_fn)
+
+
+INJECTED_MASK_CASES = [
+    _case(
+        "injected-callable-mask-without-static-args",
+        _injected_callable_mask,
+        (),
+        {},
+        ValueError,
+        r"samx\.sam: `mask` must be a tree of bools.*It is a scalar, True:.*"
+        r"static_args=\(\"mask\",\)",
+    ),
+]
+
+
 _CAL = r"`Trainer\(ascent_batch_size=calibration\)` timed"
 CALIBRATION_CASES = [
     _case(
@@ -3214,6 +3234,7 @@ CASES = [
     *_prefixed("calibrate_ascent_batch", CALIBRATE_FLAX_CASES),
     *WRAPPER_CASES,
     *_prefixed("Trainer", CALIBRATION_CASES),
+    *_prefixed("sam", INJECTED_MASK_CASES),
 ]
 
 
