@@ -71,13 +71,20 @@ def write_json(result: dict, path: str | None) -> None:
 
 
 def problem(
-    model: str, batch: int, width: int, seed: int = 0, image: int = 32, blocks: int = 3
+    model: str,
+    batch: int,
+    width: int,
+    seed: int = 0,
+    image: int = 32,
+    blocks: int = 3,
+    cnn_width: int = 16,
 ):
     """``(params, batch, loss)`` for "mlp" (64 features) or "resnet20" (32x32x3).
 
     ``width`` is the MLP's hidden width; ``image`` and ``blocks`` shrink the
     CNN's inputs (``image x image x 3``) and its residual blocks per stage, for
-    smoke runs.
+    smoke runs; ``cnn_width`` is the CNN's channels in its first stage (16:
+    ResNet-20).
     """
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     labels = jax.random.randint(ky, (batch,), 0, 10)
@@ -87,8 +94,8 @@ def problem(
         return params, {"x": x, "y": labels}, classification_loss
     if model == "resnet20":
         # One compiled init, not an XLA:CPU compilation per eager op.
-        init = jax.jit(models.init_resnet20, static_argnames="blocks")
-        params = init(jax.random.key(seed), blocks=blocks)
+        init = jax.jit(models.init_resnet20, static_argnames=("width", "blocks"))
+        params = init(jax.random.key(seed), width=cnn_width, blocks=blocks)
         x = jax.random.normal(kx, (batch, image, image, 3))
 
         def loss(params, batch):

@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import frontier  # noqa: E402
+import hetero.cli  # noqa: E402
+import hetero.sweep  # noqa: E402
 import heterogeneous  # noqa: E402
 import memory  # noqa: E402
 import runtime_overhead  # noqa: E402
@@ -95,6 +97,7 @@ def test_heterogeneous_smoke_writes_every_row_naming_where_each_gradient_ran(
         "step_time",
         "timeline",
         "time_to_accuracy",
+        "sweep",
     }
     assert {"cpu", "cores", "accelerator", "versions"} <= set(parts["machine"])
     assert {"jax", "jaxlib"} <= set(parts["machine"]["versions"])
@@ -102,6 +105,7 @@ def test_heterogeneous_smoke_writes_every_row_naming_where_each_gradient_ran(
     c = parts["calibration"]
     assert (c["descent_device"], c["ascent_device"]) == ("cpu:0", "cpu:1")
     assert str(c["ascent_batch_size"]) in c["ascent_seconds"]
+    assert isinstance(c["hides"], bool) and c["transfer_seconds"] >= 0
     rows = {r["key"]: r for r in parts["step_time"]["rows"]}
     assert set(rows) == HETEROGENEOUS_ROWS
     for key, row in rows.items():
@@ -134,10 +138,49 @@ def test_heterogeneous_smoke_writes_every_row_naming_where_each_gradient_ran(
     assert ascent == {"cpu:0", "cpu:1"}
     for m in methods.values():
         assert 0.0 <= m["test_accuracy"] <= 1.0 and m["curve"]
+    check_sweep(parts["sweep"], parts["machine"]["sizes"])
     stem = path.stem
-    for suffix in (".md", "-step_time.png", "-timeline.png", "-accuracy_vs_time.png"):
+    for suffix in (
+        ".md",
+        "-step_time.png",
+        "-timeline.png",
+        "-accuracy_vs_time.png",
+        "-sweep.png",
+    ):
         assert (tmp_path / f"{stem}{suffix}").stat().st_size > 0, suffix
     assert "| SAMPa, vmap-fused | Trainer |" in out.stdout
+    assert "| width | parameters | b' | hides | AsyncSAM / SGD |" in out.stdout
+
+
+def check_sweep(sweep: dict, sizes: dict) -> None:
+    """Every width measured, with every field, finite and of its type."""
+    rows = sweep["rows"]
+    assert [r["width"] for r in rows] == sizes["widths"] + sizes["more_widths"]
+    for row in rows:
+        assert "skipped" not in row, row
+        assert isinstance(row["parameters"], int) and row["parameters"] > 0
+        for field in (
+            "descent_seconds",
+            "host_seconds_per_example",
+            "async_sam_vs_sgd",
+            "sgd_step_s",
+            "async_sam_step_s",
+        ):
+            assert isinstance(row[field], float), field
+            assert np.isfinite(row[field]) and row[field] > 0, field
+        assert isinstance(row["transfer_seconds"], float)
+        assert np.isfinite(row["transfer_seconds"]) and row["transfer_seconds"] >= 0
+        b = row["ascent_batch_size"]
+        assert isinstance(b, int) and 1 <= b <= row["batch_size"] == sizes["batch"]
+        assert str(b) in row["ascent_seconds"]
+        # hides False exactly when the calibration warned (even b' = 1 does not).
+        assert isinstance(row["hides"], bool)
+        assert row["warned_no_hiding"] is (not row["hides"])
+        where = f"ascent[{b}]@cpu:1 + previous[{sizes['batch']}]@cpu:0"
+        assert row["where"] == where
+        assert row["finite"] is True
+    counts = [r["parameters"] for r in rows]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
 
 
 def test_heterogeneous_stops_at_its_budget_and_keeps_what_it_had(tmp_path):
@@ -150,6 +193,34 @@ def test_heterogeneous_stops_at_its_budget_and_keeps_what_it_had(tmp_path):
     assert not record["complete"]
     assert record.get("stopped") == "budget" or record.get("skipped")
     assert (tmp_path / f"{path.stem}.md").read_text().startswith("# Heterogeneous")
+
+
+def test_heterogeneous_sweep_widths_beyond_the_required_are_optional():
+    parts = {p: {} for p in hetero.cli.SHARES}
+    parts["sweep"] = {
+        "widths": [16, 32],
+        "more_widths": [128],
+        "rows": [
+            {"width": 16, "required": True, "parameters": 1},
+            {"width": 32, "required": True, "parameters": 4},
+            {"width": 128, "required": False, "skipped": "budget"},
+        ],
+    }
+    assert hetero.cli.not_measured(parts) == []
+    parts["sweep"]["rows"][1] = {"width": 32, "required": True, "skipped": "budget"}
+    assert hetero.cli.not_measured(parts) == ["sweep width 32"]
+    del parts["sweep"]["rows"][1:]  # stopped in the middle of width 32
+    assert hetero.cli.not_measured(parts) == ["sweep width 32"]
+    del parts["sweep"]
+    assert hetero.cli.not_measured(parts) == ["sweep"]
+
+
+def test_heterogeneous_sweep_predicts_the_next_width_from_the_last():
+    # 10 s, 4 of them computing: the compilation again, the computing x4.
+    assert hetero.sweep.predicted(10.0, 4.0, 4.0) == pytest.approx(22.0)
+    # An estimate outside [0, took] is clipped to it.
+    assert hetero.sweep.predicted(10.0, 50.0, 4.0) == pytest.approx(40.0)
+    assert hetero.sweep.predicted(10.0, -1.0, 4.0) == pytest.approx(10.0)
 
 
 def test_heterogeneous_rejects_a_budget_that_is_not_positive():
