@@ -5,8 +5,9 @@ dependency installed on its own, such as a Flax older than the ``samx[flax]``
 extra asks for, is not checked by pip: the modules that import it call
 :func:`require` first, so that an old version fails at import with a message
 naming the version it needs instead of an ``AttributeError`` from inside Flax
-later. ``.ci/lowest.txt`` pins these same versions for CI's lowest-version
-leg; ``tests/test_packaging.py`` checks that the three places agree.
+later. ``.ci/lowest-flax.txt`` pins these same versions, with the lowest jax
+that they allow, for the Flax step of CI's lowest-version leg;
+``tests/test_packaging.py`` checks that the three places agree.
 """
 
 import importlib.metadata

@@ -16,10 +16,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def _lowest_pins():
-    """``.ci/lowest.txt`` as {name: version}, comments dropped."""
+def _lowest_pins(file="lowest.txt"):
+    """``.ci/lowest.txt`` (or another of CI's constraints files) as {name: version},
+    comments dropped."""
     pins = {}
-    for line in (ROOT / ".ci" / "lowest.txt").read_text().splitlines():
+    for line in (ROOT / ".ci" / file).read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, version = line.split("==")
@@ -45,14 +46,52 @@ def _declared_bounds():
     return bounds
 
 
-@pytest.mark.parametrize("name", ["jax", "optax", "flax", "orbax-checkpoint"])
-def test_lowest_pins_are_the_declared_lower_bounds(name):
-    assert _lowest_pins()[name] == _declared_bounds()[name]
+@pytest.mark.parametrize(
+    "file, name",
+    [
+        ("lowest.txt", "jax"),
+        ("lowest.txt", "optax"),
+        ("lowest-flax.txt", "flax"),
+        ("lowest-flax.txt", "optax"),
+        ("lowest-flax.txt", "orbax-checkpoint"),
+    ],
+)
+def test_lowest_pins_are_the_declared_lower_bounds(file, name):
+    assert _lowest_pins(file)[name] == _declared_bounds()[name]
 
 
-def test_jaxlib_is_pinned_with_jax():
-    pins = _lowest_pins()
+def test_the_flax_pins_name_a_jax_no_older_than_samxs():
+    # Flax's lowest needs a newer jax than samx's lowest; never an older one.
+    core, flax = _lowest_pins(), _lowest_pins("lowest-flax.txt")
+    assert _versions._release(flax["jax"]) >= _versions._release(core["jax"])
+    assert set(core) <= set(flax)  # every core dependency pinned in both
+
+
+@pytest.mark.parametrize("file", ["lowest.txt", "lowest-flax.txt"])
+def test_jaxlib_is_pinned_with_jax(file):
+    pins = _lowest_pins(file)
     assert pins["jaxlib"] == pins["jax"]
+
+
+def test_the_lowest_flax_leg_runs_at_its_pins_with_the_lowest_jax_flax_allows():
+    # Only where Flax is installed at its pinned lowest version (CI's
+    # lowest-version leg, .ci/lowest-and-wheel): everything else is at its pin
+    # too, and the pinned jax is the lowest that this Flax declares it needs.
+    pins = _lowest_pins("lowest-flax.txt")
+    try:
+        installed = importlib.metadata.version("flax")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed != pins["flax"]:
+        pytest.skip(f"flax {installed} is installed, not the pinned {pins['flax']}")
+    for name, version in pins.items():
+        assert importlib.metadata.version(name) == version, name
+    needs = _lower_bounds(
+        req.split(";")[0].replace(" ", "")
+        for req in importlib.metadata.requires("flax")
+        if ";" not in req or "extra" not in req
+    )
+    assert needs["jax"] == pins["jax"]
 
 
 def test_every_extra_asks_for_the_same_flax():
@@ -62,7 +101,7 @@ def test_every_extra_asks_for_the_same_flax():
 
 
 def test_the_import_check_asks_for_the_pinned_flax():
-    assert _versions.FLAX == _lowest_pins()["flax"]
+    assert _versions.FLAX == _lowest_pins("lowest-flax.txt")["flax"]
 
 
 @pytest.mark.parametrize(
