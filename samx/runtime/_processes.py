@@ -28,6 +28,15 @@ def put_batch(fn: str, batch: Any, sharding: Any) -> Any:
     """
     if not (isinstance(sharding, NamedSharding) and sharding.mesh.is_multi_process):
         return jax.device_put(batch, sharding)
+    check_local(fn, batch)
+    # An explicit transfer, as ``device_put`` is (JAX's guard counts this one
+    # as implicit).
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_process_local_data(sharding, batch)
+
+
+def check_local(fn: str, batch: Any) -> None:
+    """On a mesh over several processes: ``batch`` is this process's part."""
     for leaf in jax.tree.leaves(batch):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
             raise ValueError(
@@ -35,10 +44,6 @@ def put_batch(fn: str, batch: Any, sharding: Any) -> Any:
                 " this process's part of the batch (NumPy arrays, or arrays on"
                 " this process's devices), not a global array."
             )
-    # An explicit transfer, as ``device_put`` is (JAX's guard counts this one
-    # as implicit).
-    with jax.transfer_guard_host_to_device("allow"):
-        return jax.make_array_from_process_local_data(sharding, batch)
 
 
 def local_copy(tree: Any, device: jax.Device) -> Any:

@@ -516,6 +516,8 @@ class Trainer:
                 f" the previous step, got {type(state).__name__}."
             )
         size = self._check_batch(fn, batch)
+        if self._multiprocess:  # a global array: say so, not that its size differs
+            _processes.check_local(fn, batch)
         _plan.check_batch_size(fn, size, self._batch_size)
         if self.calibration is not None and size != self.calibration.batch_size:
             raise ValueError(
