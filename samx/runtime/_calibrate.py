@@ -128,10 +128,14 @@ def calibrate_ascent_batch(
     """Chooses AsyncSAM's ascent batch so that the ascent hides behind the descent.
 
     Times the gradient of ``loss_fn`` on the whole ``batch`` (b examples) on
-    the fast device, the descent, then on the first b' examples on the slow
-    device for candidate b' (powers of two, ``1 <= b' <= b``, so that the
-    ascent compiles for one size), and chooses the largest b' whose ascent
-    takes no longer than the descent (1 if none does). The candidates are
+    the fast device, the descent; the transfers every AsyncSAM step makes
+    (the parameters to the slow device, a gradient like them back); then the
+    gradient on the first b' examples on the slow device for candidate b'
+    (powers of two, ``1 <= b' <= b``, so that the ascent compiles for one
+    size), and chooses the largest b' whose ascent plus transfers takes no
+    longer than the descent. If none does, b' is 1, ``hides`` is False and a
+    ``UserWarning`` gives the times and the alternatives (the ascent on the
+    accelerator itself at a b' from the frontier, or SAMPa). The candidates are
     searched by bisection, which assumes that a larger b' does not take less
     time: 3 or 4 slow-device compilations for b = 128, not one per
     candidate. Each timing is the median of ``repeats`` runs after a first,
@@ -155,8 +159,9 @@ def calibrate_ascent_batch(
       repeats: timed runs per measurement, ``>= 1``.
 
     Returns:
-      An :class:`AscentBatchCalibration` with every time it measured; pass its
-      ``ascent_batch_size`` to ``Trainer(ascent_batch_size=...)``.
+      An :class:`AscentBatchCalibration` with every time it measured; pass it
+      as ``Trainer(ascent_batch_size=...)``, which takes its b' and checks its
+      devices and batch size.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
