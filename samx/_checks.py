@@ -329,6 +329,13 @@ def _wrong_wrappers() -> dict[types.CodeType, str]:
     return codes
 
 
+# The same wrappers by their state: its type, the field that holds the inner
+# state, and the wrapper's name (for the loops, which see the whole state).
+WRONG_WRAPPER_STATES = {
+    optax.MultiStepsState: ("inner_opt_state", "optax.MultiSteps"),
+    optax.ApplyIfFiniteState: ("inner_state", "optax.apply_if_finite"),
+}
+
 _WRAPPER_HINTS = {
     "optax.MultiSteps": (
         "it hands `update` the mean of the k micro-batch gradients (the ascent)"

@@ -183,14 +183,6 @@ def method_of(opt_state: Any) -> str:
     return method
 
 
-# The optax wrappers that misuse a samx transform: their state's type, its
-# field that holds the inner state, and the wrapper's name.
-_WRONG_WRAPPERS = {
-    optax.MultiStepsState: ("inner_opt_state", "optax.MultiSteps"),
-    optax.ApplyIfFiniteState: ("inner_state", "optax.apply_if_finite"),
-}
-
-
 def _reject_wrong_wrappers(opt_state: Any, method: str) -> None:
     """Raises if the samx state sits inside a wrapper that misuses it.
 
@@ -198,9 +190,10 @@ def _reject_wrong_wrappers(opt_state: Any, method: str) -> None:
     inside such a wrapper; found here from the state, a loop raises it before
     the wrapper's own code fails on what samx's loops pass it.
     """
-    wrapped = jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in _WRONG_WRAPPERS)
+    states = _checks.WRONG_WRAPPER_STATES
+    wrapped = jax.tree.leaves(opt_state, is_leaf=lambda x: type(x) in states)
     for x in wrapped:
-        field, wrapper = _WRONG_WRAPPERS.get(type(x), (None, None))
+        field, wrapper = states.get(type(x), (None, None))
         if field is not None and method_of(getattr(x, field)) != "plain":
             raise _checks.wrong_wrapper_error(f"samx.{method}", wrapper)
 
