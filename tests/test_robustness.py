@@ -2511,12 +2511,20 @@ LAUNCH_CASES = [
         _L + r"\(timeout=\.\.\.\)` must be a number of seconds > 0, got 0",
     ),
     _case(
-        "timeout-none",
+        "timeout-a-string",  # None is valid: no timeout
         _LAUNCH,
         (["t.py"],),
-        {"timeout": None},
+        {"timeout": "9"},
         ValueError,
         _L + r"\(timeout=\.\.\.\)` must be a number of seconds",
+    ),
+    _case(
+        "keep-lines-0",
+        _LAUNCH,
+        (["t.py"],),
+        {"keep_lines": 0},
+        ValueError,
+        _L + r"\(keep_lines=\.\.\.\)` must be an int >= 1, got 0",
     ),
     _case(
         "cpu-devices-0",
