@@ -136,6 +136,7 @@ def test_the_rank_that_failed_first_is_named(tmp_path):
         "    try: return stat.read_text().rpartition(')')[2].split()[0] != 'Z'\n"
         "    except (FileNotFoundError, ProcessLookupError): return False\n"
         "while alive(): time.sleep(0.001)\n"
+        "time.sleep(0.01)\n"  # then at once (the old launcher polled every 50 ms)
         "sys.exit(4)\n"
     )
     for _ in range(3):
