@@ -198,7 +198,7 @@ def test_trainer_state_restores_placed_and_continues(tmp_path, name):
     state = trainer.init(params, model_state)
     for batch in batches[:N]:
         state, _ = trainer.step(state, batch)
-    saved = state
+    saved = jax.tree.map(jnp.copy, state)  # the next step donates `state`
     for batch in batches[N:]:  # the uninterrupted run; compiles every piece
         state, _ = trainer.step(state, batch)
     expected = state
@@ -251,7 +251,7 @@ def test_trainer_state_on_a_mesh_restores_sharded(tmp_path):
     state = live.init(params, model_state)
     for batch in batches[:N]:
         state, _ = live.step(state, batch)
-    saved = state
+    saved = jax.tree.map(jnp.copy, state)  # the next step donates `state`
     for batch in batches[N:]:
         state, _ = live.step(state, batch)
     expected = state

@@ -120,15 +120,17 @@ def _run(method):
     ``transfer_guard("disallow")``, and the parameters stay on cpu:0.
     """
     trainer = _trainer(method, _net())
-    states = [trainer.state]
+    # A step donates the state it is given: the states kept are copies.
+    keep = functools.partial(jax.tree.map, jnp.copy)
+    states = [keep(trainer.state)]
     first, *others = _batches()
     with jax.transfer_guard("disallow"):
         metrics = trainer.step(first)
-        states.append(trainer.state)
+        states.append(keep(trainer.state))
         with count_compilations() as compiled:
             for batch in others:
                 metrics = trainer.step(batch)
-                states.append(trainer.state)
+                states.append(keep(trainer.state))
                 assert _devices(trainer.state.params) == {CPU0}
             jax.block_until_ready(metrics)
     return trainer, states, metrics, compiled
@@ -201,7 +203,7 @@ def test_one_batch_size_per_run_from_the_first_batch_after_a_new_state():
     short = jax.tree.map(lambda x: x[:5], full)
     model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
     trainer = samx.flax.Trainer(model, samx.sam(_base(), rho=0.05), loss)
-    start = trainer.state
+    start = jax.tree.map(jnp.copy, trainer.state)  # a step donates the state
     trainer.step(full)
     with pytest.raises(ValueError, match=r"Trainer\.step\(batch=...\)` has 5 ex"):
         trainer.step(short)
@@ -301,3 +303,25 @@ def test_the_flax_trainer_takes_the_calibration_itself(monkeypatch):
     trainer.step(batch)
     with pytest.raises(ValueError, match=r"timed .* as the ascent device"):
         trainer_on(CPU0)
+
+
+def test_batch_axis_and_sampa_vmap_reach_the_runtime_trainer():
+    # On a ("model", "data") mesh the batch is split along "data", not along
+    # the mesh's first axis.
+    mesh = jax.sharding.Mesh(
+        np.array(jax.devices("cpu")[:4]).reshape(2, 2), ("model", "data")
+    )
+    trainer = samx.flax.Trainer(
+        _net(),
+        TRANSFORMS["sampa"](),
+        loss_aux,
+        descent_device=mesh,
+        batch_axis="data",
+        sampa_vmap=True,
+        has_aux=True,
+    )
+    assert trainer.runtime.batch_axis == "data" and trainer.runtime.sampa_vmap
+    trainer.step(_batches(1)[0])
+    spec = jax.tree.leaves(trainer.state.prev_batch)[0].sharding.spec
+    assert spec[0] == "data"
+    assert trainer.plan == trainer.runtime.plan()

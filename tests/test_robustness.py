@@ -92,6 +92,27 @@ def _trainer_step_with(state_of, batch=BATCH):
     return trainer.step(state_of(trainer.init(PARAMS)), batch)
 
 
+def _step_a_donated_state(name):
+    """Steps the state the first step was given: that step donated it."""
+    trainer = runtime.Trainer(FACTORIES[name](optax.sgd(0.1)), _loss)
+    state = trainer.init(PARAMS)
+    trainer.step(state, BATCH)
+    return trainer.step(state, BATCH)
+
+
+def _step_a_foreign_state(state_of, **trainer_kwargs):
+    """A Trainer stepping a state another Trainer made (``state_of(PARAMS)``)."""
+    trainer = runtime.Trainer(samx.async_sam(optax.sgd(0.1)), _loss, **trainer_kwargs)
+    trainer.init(PARAMS)
+    return trainer.step(state_of(), BATCH)
+
+
+def _stepped_state(name, **trainer_kwargs):
+    """A state after one step of a Trainer of ``FACTORIES[name]``."""
+    trainer = runtime.Trainer(FACTORIES[name](optax.sgd(0.1)), _loss, **trainer_kwargs)
+    return trainer.step(trainer.init(PARAMS), BATCH)[0]
+
+
 def _trainer_init(name, params, model_state=None, **trainer_kwargs):
     trainer = runtime.Trainer(FACTORIES[name](optax.sgd(0.1)), _loss, **trainer_kwargs)
     return trainer.init(params, model_state)
@@ -545,6 +566,45 @@ TRAINER_CASES = [
         {},
         TypeError,
         r"Trainer\.step\(state=\.\.\.\)",
+    ),
+    *[
+        _case(  # donated by the step it was given to
+            f"step-donated-state-{name}",
+            _step_a_donated_state,
+            (name,),
+            {},
+            ValueError,
+            r"`samx\.runtime\.Trainer\.step\(state=\.\.\.\)`: this state's arrays"
+            r" were deleted: a step donates the state it is given",
+        )
+        for name in ("sam", "async_sam", "sampa")
+    ],
+    _case(  # e.g. a checkpoint of another transform, restored
+        "step-state-of-another-transform",
+        _step_a_foreign_state,
+        (lambda: _stepped_state("sam"),),
+        {},
+        ValueError,
+        r"this optimizer state is sam's \(paired\), but this Trainer trains"
+        r" async_sam \(paired\): was it saved with another transform\?",
+    ),
+    _case(
+        "step-state-of-another-pairing",
+        _step_a_foreign_state,
+        (lambda: _stepped_state("async_sam"),),
+        {"pairing": "unpaired"},
+        ValueError,
+        r"`samx\.runtime\.Trainer\.step\(state=\.\.\.\)` holds a previous batch,"
+        r" which this Trainer's async_sam \(unpaired\) does not use",
+    ),
+    _case(
+        "step-state-on-another-device",
+        _step_a_foreign_state,
+        (lambda: _stepped_state("async_sam", descent_device="cpu:1"),),
+        {"descent_device": "cpu:0"},
+        ValueError,
+        r"`samx\.runtime\.Trainer\.step\(state=\.\.\.\)`: its `step` lies on"
+        r" \[CpuDevice\(id=1\)\], but this Trainer keeps it on \[CpuDevice\(id=0\)\]",
     ),
 ]
 _CAL = runtime.calibrate_ascent_batch
@@ -2603,6 +2663,15 @@ def _flax_trainer_set_state(state_of):
     trainer.state = state_of(trainer)
 
 
+def _flax_set_prev_batch(dtype):
+    """AsyncSAM's state after a step, its previous batch cast to ``dtype``."""
+    trainer = _flax_trainer("async_sam")
+    trainer.step(_FB)
+    state = trainer.state
+    prev = jax.tree.map(lambda x: x.astype(dtype), state.prev_batch)
+    trainer.state = state._replace(prev_batch=prev)
+
+
 def _abstract_linear():
     return nnx.eval_shape(lambda: nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
 
@@ -2824,6 +2893,32 @@ FLAX_TRAINER_CASES = [
         {},
         ValueError,
         r"`abstract_state\(batch=\.\.\.\)` is required for async_sam",
+    ),
+    _case(  # found at once, not at the next step
+        "flax-state-on-another-device",
+        _flax_trainer_set_state,
+        (lambda t: jax.device_put(t.state, jax.devices("cpu")[1]),),
+        {},
+        ValueError,
+        rf"`{_FT}\.state`: its `step` lies on \[CpuDevice\(id=1\)\], but this"
+        r" Trainer keeps it on \[CpuDevice\(id=0\)\]",
+    ),
+    _case(
+        "flax-state-donated",
+        _flax_trainer_set_state,
+        (lambda t: [t.state, t.step(_FB)][0],),
+        {},
+        ValueError,
+        rf"`{_FT}\.state`: this state's arrays were deleted",
+    ),
+    _case(
+        "flax-state-prev_batch-of-another-dtype",
+        lambda: _flax_set_prev_batch(np.float16),
+        (),
+        {},
+        ValueError,
+        rf"`{_FT}\.state`: its `prev_batch` does not have the tree structure,"
+        r" shapes and dtypes of the batches this Trainer trains on",
     ),
 ]
 

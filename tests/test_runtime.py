@@ -673,3 +673,43 @@ def test_a_new_batch_size_after_init_gets_its_own_radius(two_devices):
         jax.tree.leaves(state.params), jax.tree.leaves(expected[-1]), strict=True
     ):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+# --- donation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sam", "async_sam", "sampa-0.2"])
+def test_a_step_donates_the_state_it_is_given_and_nothing_else(name):
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batches = [jax.device_put(b) for b in _numpy_batches(sample, 3)]
+    trainer = Trainer(TRANSFORMS[name](), loss)
+    state = trainer.init(params)
+    first = state
+    for batch in batches:
+        state, _ = trainer.step(state, batch)
+    # The state given to the first step is used up; the caller's parameters,
+    # its batches and the kept previous batch are not.
+    assert all(x.is_deleted() for x in jax.tree.leaves(first))
+    assert not any(x.is_deleted() for x in jax.tree.leaves((params, batches, state)))
+    # Without donation, the same trajectory, and the old state stays usable.
+    keeper = Trainer(TRANSFORMS[name](), loss, donate=False)
+    kept = keeper.init(params)
+    first = kept
+    for batch in batches:
+        kept, _ = keeper.step(kept, batch)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(first))
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(kept), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_plan_is_found_from_its_argument_and_checked_against_the_trainers():
+    params, loss, _ = mlp_problem(jax.random.key(0), batch=16)
+    trainer = Trainer(TRANSFORMS["async_sam"](), loss)
+    with pytest.raises(ValueError, match=r"no plan yet; call `init` first"):
+        trainer.plan()
+    state = trainer.init(params)
+    assert trainer.plan() == trainer.plan(state.opt_state)
+    assert trainer.plan().method == "async_sam"
+    other = samx.sam(optax.sgd(0.1)).init(params)
+    with pytest.raises(ValueError, match=r"this optimizer state is sam's"):
+        trainer.plan(other)  # the old code returned async_sam's plan

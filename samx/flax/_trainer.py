@@ -31,6 +31,13 @@ class Trainer:
     (a model merged outside the jit would raise Flax's ``TraceContextError``).
     The model passed in is not updated: read :attr:`model`.
 
+    **Donation.** A step donates the state's arrays to its jitted update (one
+    copy of the parameters and optimizer state on the device, not two; see
+    :class:`samx.runtime.Trainer`): a state read from :attr:`state`, and a
+    model read from :attr:`model`, are valid until the next step. Save or copy
+    (``jax.tree.map(jnp.copy, trainer.state)``) what must outlive it, or pass
+    ``donate=False``.
+
     **Model state.** Every pass of a step starts from the model state of the
     start of the step, in the mode the model was in when the Trainer was made
     (training mode, usually). Only the descent pass keeps its new state (for
@@ -70,11 +77,19 @@ class Trainer:
         pass's ``aux`` is then ``metrics["aux"]``.
       pairing: ``"paired"`` (default) or ``"unpaired"`` (see
         :func:`samx.evaluation_plan`).
+      batch_axis: with a mesh, the mesh axis the batch is split along; default
+        the mesh's first axis (as for :class:`samx.runtime.Trainer`).
+      sampa_vmap: SAMPa on one device: its two gradients in one ``vmap``-ed
+        call or not; default as for :class:`samx.runtime.Trainer`.
+      donate: whether a step donates the state (default True; see above).
 
     Attributes:
       state: the :class:`samx.runtime.TrainerState` (see :attr:`state`).
       model: the current model (see :attr:`model`).
-      plan: the transform's :class:`samx.EvaluationPlan`.
+      plan: the transform's :class:`samx.EvaluationPlan`, an attribute: the
+        Trainer owns its state (the runtime Trainer, given states by its
+        caller, has the method ``plan(opt_state)``; ``runtime.plan()`` is
+        this one).
       runtime: the :class:`samx.runtime.Trainer` that runs the steps.
       graphdef: the model's ``nnx.GraphDef``.
 
@@ -119,6 +134,9 @@ class Trainer:
         ascent_batch_size: int | None = None,
         has_aux: bool = False,
         pairing: str = "paired",
+        batch_axis: str | None = None,
+        sampa_vmap: bool | None = None,
+        donate: bool = True,
     ):
         fn = "samx.flax.Trainer"
         check_model(fn, model)
@@ -136,6 +154,9 @@ class Trainer:
             ascent_batch_size=ascent_batch_size,
             has_state=True,
             pairing=pairing,
+            batch_axis=batch_axis,
+            sampa_vmap=sampa_vmap,
+            donate=donate,
         )
         self._state: runtime.TrainerState | None = None
         if is_abstract(fn, params, rest):  # checks the arguments, allocates nothing
@@ -187,6 +208,21 @@ class Trainer:
                 " (`jax.ShapeDtypeStruct` leaves): restore a checkpoint into it,"
                 " e.g. `checkpointer.restore(path, trainer.abstract_state(batch))`."
             )
+        old = self._state
+        if (
+            old is not None
+            and old.prev_batch is not None
+            and value.prev_batch is not None
+            and _shapes(value.prev_batch) != _shapes(old.prev_batch)
+        ):
+            raise ValueError(
+                "`samx.flax.Trainer.state`: its `prev_batch` does not have the"
+                " tree structure, shapes and dtypes of the batches this Trainer"
+                " trains on; was it saved from a run on other batches?"
+            )
+        # deleted (donated) arrays, another transform or pairing, another
+        # device or mesh: a clear error now, not at the next step
+        self.runtime.check_state(value, "`samx.flax.Trainer.state`")
         self._state = value
         self.runtime._batch_size = None  # a new run: its first step sets it
 

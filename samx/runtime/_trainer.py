@@ -175,6 +175,17 @@ class Trainer:
     The Trainer keeps the previous batch (``TrainerState.prev_batch``) where
     the plan needs it, so the loop passes the current batch only.
 
+    **The state given to a step is used up.** :meth:`step` donates the
+    state's arrays (``params``, ``opt_state``, ``model_state``, ``step``) to
+    its jitted update, so that the devices hold one copy of the parameters
+    and the optimizer state, not two: after ``state, metrics =
+    trainer.step(state, batch)`` the old ``state`` is invalid (its arrays are
+    deleted; stepping it again raises a ``ValueError``). Copy a state you
+    want to keep (``jax.tree.map(jnp.copy, state)``, or save it) before
+    stepping it, or build the Trainer with ``donate=False``. The batch
+    passed in and the kept ``prev_batch`` are never donated. Peak bytes with
+    and without donation: ``benchmarks/memory.py``.
+
     **One batch size.** Every batch has the leading size of the first batch
     after :meth:`init`, for every method: a batch of another size raises a
     ``ValueError`` (a step of another size would compile again, and AsyncSAM
@@ -244,6 +255,8 @@ class Trainer:
       pairing: ``"paired"`` (default): AsyncSAM's and SAMPa's perturbed
         gradient sees the examples its perturbation came from; ``"unpaired"``:
         it sees the current batch (see :func:`samx.evaluation_plan`).
+      donate: whether :meth:`step` donates the state it is given (default
+        True; see above).
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, optax, samx
@@ -279,6 +292,7 @@ class Trainer:
         sampa_vmap: bool | None = None,
         batch_axis: str | None = None,
         pairing: str = "paired",
+        donate: bool = True,
     ):
         if not (
             callable(getattr(tx, "init", None))
@@ -304,6 +318,8 @@ class Trainer:
                 f" {ascent_batch_size!r}."
             )
         _checks.check_flag("Trainer", "has_state", has_state)
+        _checks.check_flag("Trainer", "donate", donate)
+        self.donate = bool(donate)
         _plan.check_pairing("Trainer", pairing)
         if sampa_vmap is not None and not isinstance(sampa_vmap, (bool, np.bool_)):
             raise TypeError(
@@ -357,6 +373,7 @@ class Trainer:
         self._batch_size: int | None = None  # the run's, set by its first step
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
+        self._last_step: Any = None  # `step` of the state the last step returned
         self.sampa_vmap = platform != "cpu" if sampa_vmap is None else sampa_vmap
 
     def _check_calibration_devices(self, ascent: Any) -> None:
@@ -380,10 +397,31 @@ class Trainer:
 
     # -- placement ---------------------------------------------------------------
 
-    def plan(self, opt_state: Any) -> _plan.EvaluationPlan:
-        """The transform's evaluation plan (see :func:`samx.evaluation_plan`)."""
+    def plan(self, opt_state: Any = None) -> _plan.EvaluationPlan:
+        """The transform's evaluation plan (see :func:`samx.evaluation_plan`).
+
+        Found from ``opt_state`` (each call); the first one found (by
+        :meth:`init`) is this Trainer's, and a state whose plan differs (e.g.
+        another transform's, restored) raises a ``ValueError``. With no
+        argument, this Trainer's plan (an error before :meth:`init`).
+        """
+        if opt_state is None:
+            if self._plan is None:
+                raise ValueError(
+                    "`samx.runtime.Trainer.plan()`: no plan yet; call `init`"
+                    " first, or pass an optimizer state."
+                )
+            return self._plan
+        plan = _plan.evaluation_plan(opt_state, pairing=self.pairing)
         if self._plan is None:
-            self._plan = _plan.evaluation_plan(opt_state, pairing=self.pairing)
+            self._plan = plan
+        elif plan != self._plan:
+            raise ValueError(
+                f"samx.runtime.Trainer: this optimizer state is {plan.method}'s"
+                f" ({plan.pairing}), but this Trainer trains {self._plan.method}"
+                f" ({self._plan.pairing}): was it saved with another transform?"
+                " Build a Trainer with that transform."
+            )
         return self._plan
 
     def method(self, opt_state: Any) -> str:
@@ -488,8 +526,10 @@ class Trainer:
             prev_batch=None,
         )
         # Commit every leaf (jit leaves outputs that ignore its inputs
-        # uncommitted), so that the first step compiles what the others reuse.
-        return self._put(state, self._state_place)
+        # uncommitted), so that the first step compiles what the others reuse;
+        # copied (no aliasing), so that the first step, which donates the
+        # state, never deletes the caller's `params` or `model_state`.
+        return jax.device_put(state, self._state_place, may_alias=False)
 
     def step(self, state: TrainerState, batch: Any) -> tuple[TrainerState, dict]:
         """One training step; returns at once, before the devices finish.
@@ -527,7 +567,10 @@ class Trainer:
                 f" {self.calibration.batch_size}: calibrate on a batch of the"
                 " size the training uses."
             )
-        plan = self.plan(state.opt_state)
+        if state.step is self._last_step:  # the state this Trainer returned
+            plan = self._plan
+        else:  # another (a restored one, or one already donated): check it
+            plan = self.check_state(state, f"`{fn}(state=...)`")
         if plan.uses(_plan.ASCENT) and (self.ascent_batch_size or 0) > size:
             raise ValueError(
                 f"`Trainer(ascent_batch_size={self.ascent_batch_size})` is larger"
@@ -550,22 +593,82 @@ class Trainer:
                 plan, state, prev, batch, batch_d, ascent_device, args
             )
         elif plan.parallel and plan.updates is None and self.sampa_vmap:
-            vmapped = self._one_jit("vmap", self._vmapped, update_args=args)
+            vmapped = self._one_jit(
+                "vmap", self._vmapped, update_args=args, donate=True
+            )
             state, metrics = vmapped(state, prev, batch_d)
         else:
-            fused = self._one_jit("fused", self._fused, update_args=args)
+            fused = self._one_jit("fused", self._fused, update_args=args, donate=True)
             state, metrics = fused(state, prev, batch_d)
         if plan.uses(_plan.PREVIOUS):
             state = state._replace(prev_batch=batch_d)
+        self._last_step = state.step
         self._batch_size = size
         self._watch.see(fn, metrics["grad_norm"], state.opt_state, stacklevel=4)
         return state, metrics
 
+    def check_state(
+        self, state: TrainerState, what: str = "`samx.runtime.Trainer.step(state=...)`"
+    ) -> _plan.EvaluationPlan:
+        """Checks that ``state`` fits this Trainer; returns its plan.
+
+        From what the host knows (no device is waited for): its arrays are
+        not deleted (donated by a step), its transform's plan is this
+        Trainer's (method and pairing), and its arrays lie where this
+        Trainer keeps them. :meth:`step` runs it on any state but the one it
+        last returned. Not checked (the state does not record it): the
+        ``ascent_batch_size`` of the run that saved it.
+        """
+        leaves = jax.tree.leaves(state)
+        if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
+            raise ValueError(
+                f"{what}: this state's arrays were deleted: a step"
+                " donates the state it is given, so after `state, metrics ="
+                " trainer.step(state, batch)` the old state is invalid. Step"
+                " the state the last step returned; copy one to keep it"
+                " (`jax.tree.map(jnp.copy, state)`), or build the Trainer with"
+                " `donate=False`."
+            )
+        plan = self.plan(state.opt_state)
+        if state.prev_batch is not None and not plan.uses(_plan.PREVIOUS):
+            raise ValueError(
+                f"{what} holds a previous batch, which this"
+                f" Trainer's {plan.method} ({plan.pairing}) does not use: was it"
+                " saved with another `pairing` or transform?"
+            )
+        state_place = self._state_place
+        if isinstance(state_place, jax.Device):
+            state_place = jax.sharding.SingleDeviceSharding(state_place)
+        batch_place = self._batch_place
+        if isinstance(batch_place, jax.Device):
+            batch_place = jax.sharding.SingleDeviceSharding(batch_place)
+        for name, place in (
+            ("step", state_place),
+            ("params", state_place),
+            ("opt_state", state_place),
+            ("model_state", state_place),
+            ("prev_batch", batch_place),
+        ):
+            for x in jax.tree.leaves(getattr(state, name)):
+                if isinstance(x, jax.Array) and x.sharding.device_set != (
+                    place.device_set
+                ):
+                    raise ValueError(
+                        f"{what}: its `{name}` lies on"
+                        f" {sorted(x.sharding.device_set, key=str)}, but this"
+                        f" Trainer keeps it on {sorted(place.device_set, key=str)}:"
+                        " restore it into `samx.runtime.abstract_state(trainer,"
+                        " ...)`, or `jax.device_put` it there."
+                    )
+        return plan
+
     # -- jitted pieces -----------------------------------------------------------
 
-    def _one_jit(self, name, fn, on_descent=True, update_args=None):
+    def _one_jit(self, name, fn, on_descent=True, update_args=None, donate=False):
         """``jax.jit(fn)``, once; on a mesh, the descent side's outputs replicated.
 
+        ``donate``: the pieces that take the state and return the next one
+        donate it (its first argument), with ``Trainer(donate=True)``.
         With ``update_args`` (a dict, for the pieces that call ``tx.update``),
         ``fn(update_args, *args)``, jitted once per value: a piece whose inputs
         do not show the batch size (``_apply``) would not retrace for a new
@@ -576,10 +679,10 @@ class Trainer:
             key = (name, tuple(sorted(update_args.items())))
             fn = partial(fn, update_args)
         if key not in self._compiled:
+            kwargs = {"donate_argnums": 0} if donate and self.donate else {}
             if self.mesh is not None and on_descent:
-                self._compiled[key] = jax.jit(fn, out_shardings=self._state_place)
-            else:
-                self._compiled[key] = jax.jit(fn)
+                kwargs["out_shardings"] = self._state_place
+            self._compiled[key] = jax.jit(fn, **kwargs)
         return self._compiled[key]
 
     def _batches(self, prev, batch):
@@ -682,7 +785,9 @@ class Trainer:
             outputs = _processes.as_rows(outputs, self._batch_place)
         else:
             outputs = self._put(outputs, self._state_place)
-        apply = self._one_jit("apply", self._apply, update_args=update_args)
+        apply = self._one_jit(
+            "apply", self._apply, update_args=update_args, donate=True
+        )
         state, metrics = apply(state, descent, outputs)
         # The ascent side's norm stays there: reading it waits for that device.
         for _, norm in ascent:
