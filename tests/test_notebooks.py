@@ -170,6 +170,26 @@ def test_toy_rejects_bad_sizes():
 # samx.examples.timeline
 
 
+def test_timeline_watches_outlive_the_next_step_that_donates_the_state():
+    # record() waits on the watched arrays in threads while the loop steps on:
+    # a watched array of the state would be deleted by the next step.
+    from samx.examples import timeline
+    from samx.runtime import Trainer
+
+    def loss_fn(params, batch):
+        return jnp.mean((batch["x"] @ params - batch["y"]) ** 2)
+
+    batch = {"x": np.ones((16, 4), np.float32), "y": np.ones(16, np.float32)}
+    for tx in (samx.async_sam(optax.sgd(0.1)), samx.sampa(optax.sgd(0.1))):
+        trainer = Trainer(tx, loss_fn, descent_device="cpu:0", ascent_device="cpu:1")
+        state, metrics = trainer.step(trainer.init(jnp.zeros(4)), batch)
+        watched = timeline.default_watches(state, metrics)
+        trainer.step(state, batch)
+        for _, _, x in watched:
+            assert not x.is_deleted()
+            jax.block_until_ready(x)
+
+
 def test_timeline_rows_are_the_two_devices_and_times_are_ordered():
     from samx.examples import timeline
     from samx.runtime import Trainer

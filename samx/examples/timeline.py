@@ -77,13 +77,17 @@ def default_watches(state: Any, metrics: dict) -> list[tuple[str, str, Any]]:
     """``(device, label, array)`` for the outputs watched in each step.
 
     The ascent gradient (when the step has one), the descent gradient and the
-    update, in that order; the device is read from each array.
+    update, in that order; the device is read from each array. The update is
+    ``metrics["grad_norm"]``, an output of the jitted update that makes the
+    new state, not the state itself: the next step donates the state, and a
+    watcher still waiting on it would find its arrays deleted.
     """
     watches = []
     if "ascent_grad_norm" in metrics:
         x = metrics["ascent_grad_norm"]
         watches.append((_device_name(x), "ascent gradient", x))
-    for label, x in (("descent gradient", metrics["loss"]), ("update", state.params)):
+    update = metrics["grad_norm"]
+    for label, x in (("descent gradient", metrics["loss"]), ("update", update)):
         watches.append((_device_name(x), label, x))
     return watches
 
@@ -106,7 +110,8 @@ def record(
       batches: the batches, one step each.
       watches: ``watches(state, metrics) -> [(device, label, array), ...]``,
         the outputs to wait for in each step, in the order they finish on each
-        device; default :func:`default_watches`.
+        device; default :func:`default_watches`. Not the state's arrays: the
+        next step donates them (see :class:`samx.runtime.Trainer`).
 
     Returns:
       ``(state, timeline)``: the state after the last step (complete) and a
