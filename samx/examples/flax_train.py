@@ -284,7 +284,7 @@ def _trainer_steps(
         ascent_device=ascent_device,
         **options,
     )
-    start = trainer.state
+    start = jax.tree.map(jnp.copy, trainer.state)  # a step donates the state
     jax.block_until_ready(trainer.step(first))
     trainer.state = start  # the state holds the whole run: start it again
 
