@@ -41,9 +41,33 @@ def without_stored_gradients(state: Any) -> Any:
             return s._replace(aux_grad=None)
         return s
 
-    return jax.tree.map(
-        strip, state, is_leaf=lambda s: isinstance(s, (AsyncSAMState, SAMPaState))
-    )
+    return jax.tree.map(strip, state, is_leaf=_stores_gradient)
+
+
+def _stores_gradient(s: Any) -> bool:
+    return isinstance(s, (AsyncSAMState, SAMPaState))
+
+
+def with_new_stored_gradients(old: Any, new: Any) -> Any:
+    """``old`` with the stored gradients of AsyncSAM and SAMPa taken from ``new``.
+
+    The state a skipped step keeps: everything as before the step but the
+    gradient it stores for the next one (AsyncSAM's ``ascent_grad`` and
+    ``ascent_fraction``, SAMPa's ``aux_grad``), which was computed at the
+    parameters the skip leaves unchanged, on the step's current batch. Found
+    at any depth, as in :func:`without_stored_gradients`.
+    """
+
+    def take(o, n):
+        if isinstance(o, AsyncSAMState):
+            return o._replace(
+                ascent_grad=n.ascent_grad, ascent_fraction=n.ascent_fraction
+            )
+        if isinstance(o, SAMPaState):
+            return o._replace(aux_grad=n.aux_grad)
+        return o
+
+    return jax.tree.map(take, old, new, is_leaf=_stores_gradient)
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -71,12 +95,13 @@ def skip_nonfinite(
     Runs ``inner.update`` every step, then checks its result: if the updates it
     returns, or the new inner state (but the stored gradients, see below), hold
     a NaN or an infinity, the step returns zero updates and keeps the *old*
-    inner state, and the counters go up::
+    inner state but for the gradient it stores for the next step (see
+    below), and the counters go up::
 
       new_updates, new_inner = inner.update(updates, inner_state, params, ...)
       ok = all_finite(new_updates) and all_finite(new_inner - stored grads)
       updates = new_updates if ok else zeros
-      inner_state = new_inner if ok else inner_state
+      inner_state = new_inner if ok else inner_state + new stored grads
 
     The selection is made with ``jnp.where`` on one flag, not ``lax.cond``: the
     inner update (and so ``grad_fn``) runs at the caller's trace level, so the
@@ -104,6 +129,17 @@ def skip_nonfinite(
     perturbation (a plain step of the base optimizer) and stores a fresh one.
     Skipping instead would throw away a good descent step and perturb the next
     step along a gradient two steps old.
+
+    **A skipped step stores its own gradient.** AsyncSAM's ascent gradient
+    (with its ``ascent_fraction``) and SAMPa's auxiliary gradient of a skipped
+    step are kept: they were computed at the parameters the skip leaves
+    unchanged, on the step's current batch, which every samx loop keeps as
+    the next step's previous batch. So the next descent is perturbed along a
+    gradient of the very examples it sees, as on every other step (paired),
+    and a step that failed on its previous batch is not retried on it (the
+    same parameters, perturbation and batch would fail again, forever).
+    Keeping the old stored gradient instead would perturb the next descent
+    along a batch it never sees.
 
     **Not** ``optax.apply_if_finite``: a samx transform inside it raises a
     ``ValueError`` when traced. In the paired loop of AsyncSAM and SAMPa a bad
@@ -173,8 +209,9 @@ def skip_nonfinite(
         new_updates = jax.tree.map(
             lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_updates
         )
+        kept = with_new_stored_gradients(state.inner_state, new_inner)
         new_inner = jax.tree.map(
-            lambda new, old: jnp.where(ok, new, old), new_inner, state.inner_state
+            lambda new, old: jnp.where(ok, new, old), new_inner, kept
         )
         return new_updates, SkipNonfiniteState(
             inner_state=new_inner,

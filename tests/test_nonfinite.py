@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _testing import mlp_loss as _mlp_loss
 from _testing import mlp_problem
 
 import samx
+import samx.runtime
 
 BAD = 2  # the step with the non-finite gradient
 STEPS = 5
@@ -387,7 +389,9 @@ def test_skip_nonfinite_applies_a_sampa_step_whose_stored_gradient_is_nan():
 
 
 def test_skip_nonfinite_still_skips_when_the_stored_gradient_comes_with_a_bad_step():
-    # A corrupt batch that spoils the descent too: skipped, old state kept.
+    # A corrupt batch that spoils the descent too: skipped, old state kept but
+    # the stored gradient, the step's own (here NaN: the next step is then
+    # unperturbed, by AsyncSAM's own rule).
     start, grad, batches = _problem(4)
     tx = samx.skip_nonfinite(samx.async_sam(optax.sgd(0.1), rho=0.05))
 
@@ -409,7 +413,14 @@ def test_skip_nonfinite_still_skips_when_the_stored_gradient_comes_with_a_bad_st
         before = state
         params, state = step(params, state, batch, t == BAD)
     assert int(state.total_notfinite) == 1
-    _assert_trees_close(state.inner_state, before.inner_state, 0.0)
+    _assert_trees_close(
+        state.inner_state._replace(ascent_grad=None),
+        before.inner_state._replace(ascent_grad=None),
+        0.0,
+    )
+    assert all(
+        np.isnan(x).all() for x in jax.tree.leaves(state.inner_state.ascent_grad)
+    )
 
 
 @pytest.mark.parametrize("wrapper", ["apply_if_finite", "skip_nonfinite"])
@@ -459,3 +470,87 @@ def test_skip_nonfinite_rejects_what_is_not_a_transform():
         samx.skip_nonfinite(samx.sam)
     with pytest.raises(TypeError, match=re.escape("samx.skip_nonfinite(inner=...)")):
         samx.skip_nonfinite("sam")
+
+
+# --- After a skipped step, the perturbation is paired with the kept batch -----
+
+
+def _overflowing(batches, step, ascent):
+    """``batches`` with ``y = inf`` in the examples of ``batches[step]`` past
+    the first ``ascent``: its ascent gradient is finite, a descent on the
+    whole batch is not."""
+    batches = [jax.tree.map(np.array, b) for b in batches]
+    batches[step]["y"][ascent:] = np.inf
+    return batches
+
+
+def _paired_async_sam_with_skips(base, params, grad, batches, rho, ascent):
+    """Paired AsyncSAM (ALGORITHMS.md, ``rho_scaling="none"``) under the
+    skip rule, written out: a step whose update is not finite leaves the
+    parameters and the base state as they were and stores its own ascent
+    gradient, computed at those parameters on the current batch, which the
+    next step's descent (on that batch, kept as the previous one) is perturbed
+    along."""
+
+    @jax.jit
+    def step(params, state, stored, prev, batch):
+        a = grad(params, jax.tree.map(lambda x: x[:ascent], batch))
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(stored)))
+        point = jax.tree.map(lambda p, g: p + rho * g / (norm + 1e-12), params, stored)
+        updates, new_state = base.update(grad(point, prev), state, params)
+        leaves = jax.tree.leaves((updates, new_state))
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+        return params, jax.tree.map(keep, new_state, state), a, ok
+
+    state, stored = base.init(params), jax.tree.map(jnp.zeros_like, params)
+    prev, skips = batches[0], 0
+    for batch in batches:
+        params, state, stored, ok = step(params, state, stored, prev, batch)
+        prev, skips = batch, skips + (not bool(ok))
+    return params, skips
+
+
+def test_after_a_skipped_step_async_sam_stays_paired():
+    # The descent on batch 2 overflows at step 3 and is skipped; step 4's
+    # descent runs on batch 3, the batch the Trainer keeps: its perturbation
+    # must come from batch 3 (the skipped step's own ascent), not from batch 2
+    # (the old state's), which step 4 never sees.
+    params, grad, batches = _problem(3)
+    ascent, rho = 4, 0.5
+    batches = _overflowing(batches, BAD, ascent)
+    base = optax.sgd(0.1, momentum=0.9)
+    tx = samx.skip_nonfinite(samx.async_sam(base, rho=rho, rho_scaling="none"))
+    trainer = samx.runtime.Trainer(tx, _mlp_loss, ascent_batch_size=ascent)
+    state = trainer.init(params)
+    for batch in batches:
+        state, _ = trainer.step(state, batch)
+    expected, skips = _paired_async_sam_with_skips(
+        base, params, grad, batches, rho, ascent
+    )
+    assert skips == int(state.opt_state.total_notfinite) == 1
+    _assert_trees_close(state.params, expected, 1e-5)
+
+
+def test_after_a_skipped_step_sampa_stores_the_current_batch_gradient():
+    # SAMPa: batch 2 spoils its auxiliary gradient at step 2 (left out of the
+    # descent) and the descent on it at step 3 (skipped). The skipped step
+    # keeps the parameters and stores the gradient at them on batch 3 (its
+    # auxiliary point falls back to the parameters where the dry run along the
+    # non-finite stored gradient is not finite): the next step's perturbation
+    # comes from batch 3, the one its descent sees.
+    params, grad, batches = _problem(4)
+    batches = _overflowing(batches, BAD, 0)
+    tx = samx.skip_nonfinite(samx.sampa(optax.sgd(0.1), rho=0.1, lam=0.5))
+    trainer = samx.runtime.Trainer(tx, _mlp_loss)
+    state = trainer.init(params)
+    for batch in batches[: BAD + 1]:
+        state, _ = trainer.step(state, batch)
+    before = jax.tree.map(np.array, state.params)
+    state, _ = trainer.step(state, batches[BAD + 1])
+    assert int(state.opt_state.total_notfinite) == 1
+    _assert_trees_close(state.params, before, 0.0)
+    _assert_trees_close(
+        state.opt_state.inner_state.aux_grad, grad(before, batches[BAD + 1]), 1e-6
+    )
