@@ -15,10 +15,17 @@ ascent (AsyncSAM) or second gradient (SAMPa) on cpu:1. On a CPU-only machine
 the two devices share the same cores, so two devices cannot be faster than
 one there; the split is measured to show what the machinery costs.
 
+"no batch copy": the same Trainer with its copy of the caller's NumPy batch
+(``samx._plan.owned``, which lets a loader refill one buffer) switched off for
+its steps: the ratio of the two rows is what the copy costs. ``--features``
+sets the width of the input, and so the bytes copied per batch (3072: a
+32x32x3 image).
+
 Usage: python benchmarks/runtime_overhead.py [--quick] [--json PATH]
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -28,6 +35,7 @@ import optax
 from step_time import machine, write_json
 
 import samx
+from samx import _plan
 from samx.examples import models, train
 from samx.runtime import Trainer
 
@@ -69,8 +77,20 @@ class PureLoop:
         return self.carry[0]
 
 
+@contextlib.contextmanager
+def no_batch_copy():
+    """The Trainer's steps without its copy of the caller's batch."""
+    owned = _plan.owned
+    _plan.owned = lambda batch: batch
+    try:
+        yield
+    finally:
+        _plan.owned = owned
+
+
 class TrainerLoop:
-    def __init__(self, name, params, ascent, devices, **kwargs):
+    def __init__(self, name, params, ascent, devices, copy=True, **kwargs):
+        self.copy = copy
         tx = TRANSFORMS[name]()
         plan = samx.evaluation_plan(tx.init(params))
         self.trainer = Trainer(
@@ -84,7 +104,8 @@ class TrainerLoop:
         self.state = self.trainer.init(params)
 
     def step(self, batch):
-        self.state, _ = self.trainer.step(self.state, batch)
+        with contextlib.nullcontext() if self.copy else no_batch_copy():
+            self.state, _ = self.trainer.step(self.state, batch)
         return self.state.params
 
 
@@ -92,6 +113,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=int, default=512)
+    p.add_argument("--features", type=int, default=64, help="input width")
     p.add_argument("--inner", type=int, default=10, help="steps per timing")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--quick", action="store_true")
@@ -100,11 +122,12 @@ def main(argv=None) -> dict:
     if args.quick:
         args.rounds, args.inner, args.width = 5, 3, 64
     cpu0, cpu1 = jax.devices("cpu")[:2]
-    params = models.init_mlp(jax.random.key(0), (64, args.width, args.width, 10))
+    sizes = (args.features, args.width, args.width, 10)
+    params = models.init_mlp(jax.random.key(0), sizes)
     rng = np.random.default_rng(0)
     batches = [
         {
-            "x": rng.normal(size=(args.batch, 64)).astype(np.float32),
+            "x": rng.normal(size=(args.batch, args.features)).astype(np.float32),
             "y": rng.integers(0, 10, args.batch).astype(np.int32),
         }
         for _ in range(args.inner)
@@ -117,6 +140,10 @@ def main(argv=None) -> dict:
         loops[(name, "trainer, one device")] = TrainerLoop(
             name, params, ascent, (cpu0, cpu0)
         )
+        if plan.uses("previous"):  # the loops that keep a batch
+            loops[(name, "trainer, one device, no batch copy")] = TrainerLoop(
+                name, params, ascent, (cpu0, cpu0), copy=False
+            )
         if plan.parallel and plan.updates is None:  # SAMPa: also vmap-ed
             loops[(name, "trainer, one device, vmap")] = TrainerLoop(
                 name, params, ascent, (cpu0, cpu0), sampa_vmap=True
@@ -149,7 +176,7 @@ def main(argv=None) -> dict:
         )
     info = machine()
     print(
-        f"Trainer / pure single-jit step, mlp-64-{args.width}-{args.width}-10,"
+        f"Trainer / pure single-jit step, mlp-{'-'.join(map(str, sizes))},"
         f" batch {args.batch} (AsyncSAM ascent {ascent}); median of {args.rounds}"
         f" interleaved timings of {args.inner} steps; {info['cpu']},"
         f" {info['cores']} cores, jax {jax.__version__}\n"

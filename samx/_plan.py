@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from samx import _async_sam, _checks, _sam, _sampa
@@ -491,6 +492,66 @@ def check_batch(fn: str, name: str, batch: Any) -> int:
                 f" size; {first} has {size}, {where} has {shape[0]}."
             )
     return int(size)
+
+
+def batch_dtypes(batch: Any) -> tuple:
+    """The dtype JAX computes each leaf of ``batch`` in, with its path.
+
+    Canonical dtypes: a float64 NumPy array counts as float32 unless
+    ``jax_enable_x64`` is on, as it does in a jit's cache key.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return tuple((jax.tree_util.keystr(path), jnp.result_type(x)) for path, x in leaves)
+
+
+def check_batch_dtypes(fn: str, dtypes: tuple, expected: tuple | None) -> None:
+    """Every batch of a run has the first batch's dtypes; a clear error if not.
+
+    A rule of every loop that compiles a step, as :func:`check_batch_size` is:
+    a leaf of another dtype (a float64 batch among float32 ones under
+    ``jax_enable_x64``) compiles every jitted piece of the step again, and
+    again at every change back. ``dtypes`` from :func:`batch_dtypes`;
+    ``expected`` None: the first batch. Batches of other structures are left
+    to the loops' other checks.
+    """
+    if expected is None or len(dtypes) != len(expected):
+        return
+    for (where, got), (other, want) in zip(dtypes, expected, strict=True):
+        if where == other and got != want:
+            raise ValueError(
+                f"`{fn}(batch=...)`: {where or 'the batch'} is {got}, but this"
+                f" run's batches have {want} there. Every batch must have the"
+                " dtypes of the first (another dtype compiles the step again,"
+                f" at every change): cast it, e.g. `x.astype(np.{want})`."
+            )
+
+
+def owned(batch: Any) -> Any:
+    """``batch`` with every host array copied: a batch a loop may keep.
+
+    The rule of every loop that takes a batch from its caller and hands it to
+    JAX (the Trainers, the compiled steps of ``samx.flax``,
+    ``make_data_parallel_step``). On the CPU backend, ``jax.device_put`` and
+    a jit's argument transfer may alias a NumPy array instead of copying it,
+    and a dispatched computation reads its arguments when it runs, after the
+    call has returned. A loader that refills one buffer for every batch would
+    then change the previous batch a loop keeps (AsyncSAM's and SAMPa's
+    descent batch), or the batch of a step still running. With this copy the
+    caller may refill its buffers as soon as the step call returns.
+
+    JAX arrays (immutable), tracers and Python or NumPy scalars are kept as
+    they are; any other leaf (a NumPy array, or another host array that NumPy
+    reads) is copied into a new NumPy array. The copy is one host ``memcpy``
+    of the batch per step (measured in ``benchmarks/runtime_overhead.py``);
+    a loop given JAX arrays copies nothing.
+    """
+
+    def own(x):
+        if isinstance(x, (jax.Array, bool, int, float, complex, np.generic)):
+            return x
+        return np.array(x, copy=True)
+
+    return jax.tree.map(own, batch)
 
 
 def check_batch_size(fn: str, size: int, expected: int | None) -> None:

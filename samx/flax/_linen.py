@@ -411,8 +411,8 @@ def linen_train_step(
     else:  # a plain optax transform, which may not take extra arguments
         state = apply_gradients(state, grads)
     state = state.replace(batch_stats=grad_fn.model_state)
-    if keeps:
-        state = state.replace(prev_batch=batch)
+    if keeps:  # called eagerly: not the caller's buffer
+        state = state.replace(prev_batch=_plan.owned(batch))
     metrics = {"loss": grad_fn.loss}
     if has_aux:
         metrics["aux"] = grad_fn.aux
@@ -497,7 +497,7 @@ def make_linen_train_step(
 
     watch = _watch.NonfiniteWatch()
 
-    sizes: list[int] = []  # the first batch's leading size
+    sizes: list = []  # the first batch's leading size and dtypes
     fn_step = "samx.flax.make_linen_train_step's step"
 
     def train_step(state: Any, batch: Any, *args, **kwargs) -> Any:
@@ -506,9 +506,15 @@ def make_linen_train_step(
         _plan.check_batch_size(
             "samx.flax.linen_train_step", size, sizes[0] if sizes else None
         )
+        dtypes = _plan.batch_dtypes(batch)
+        _plan.check_batch_dtypes(
+            "samx.flax.linen_train_step", dtypes, sizes[1] if sizes else None
+        )
+        args, kwargs = _plan.owned((args, kwargs))  # the caller's buffers are free
+        batch = _plan.owned(batch)
         state = _with_prev_batch(state, batch, pairing)
         state, metrics, finite = jitted(state, batch, *args, **kwargs)
-        sizes[:] = [size]
+        sizes[:] = [size, dtypes]
         watch.see(fn_step, finite, getattr(state, "opt_state", None))
         return state, metrics
 

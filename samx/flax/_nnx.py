@@ -64,6 +64,7 @@ def _keep(plan: _plan.EvaluationPlan, optimizer: Any, batch: Any) -> None:
     if not plan.uses(_plan.PREVIOUS):
         return
     kept = getattr(optimizer, "prev_batch", None)
+    batch = _plan.owned(batch)  # called eagerly: not the caller's buffer
     if isinstance(kept, PrevBatch):
         kept.set_value(batch)
     else:
@@ -447,7 +448,7 @@ def make_nnx_train_step(
 
     watch = _watch.NonfiniteWatch()
 
-    sizes: list[int] = []  # the first batch's leading size
+    sizes: list = []  # the first batch's leading size and dtypes
     fn_step = "samx.flax.make_nnx_train_step's step"
 
     def step(model: Any, optimizer: Any, batch: Any, *args, **kwargs) -> Any:
@@ -456,9 +457,15 @@ def make_nnx_train_step(
         _plan.check_batch_size(
             "samx.flax.nnx_train_step", size, sizes[0] if sizes else None
         )
+        dtypes = _plan.batch_dtypes(batch)
+        _plan.check_batch_dtypes(
+            "samx.flax.nnx_train_step", dtypes, sizes[1] if sizes else None
+        )
+        args, kwargs = _plan.owned((args, kwargs))  # the caller's buffers are free
+        batch = _plan.owned(batch)
         _add_prev_batch(optimizer, batch, pairing)
         metrics, finite = jitted(model, optimizer, batch, *args, **kwargs)
-        sizes[:] = [size]
+        sizes[:] = [size, dtypes]
         watch.see(fn_step, finite, getattr(optimizer, "opt_state", None))
         return metrics
 

@@ -242,7 +242,7 @@ def make_data_parallel_step(
         return every
 
     checked: list[str] = []
-    sizes: list[int] = []  # the first batch's leading size
+    sizes: list = []  # the first batch's leading size and dtypes
 
     def step(params, opt_state, batch):
         _checks.require_params(fn, params, "step")
@@ -250,7 +250,11 @@ def make_data_parallel_step(
         _plan.check_batch_size(
             "make_data_parallel_step(...)", size, sizes[0] if sizes else None
         )
-        sizes[:] = [size]
+        dtypes = _plan.batch_dtypes(batch)
+        _plan.check_batch_dtypes(
+            "make_data_parallel_step(...)", dtypes, sizes[1] if sizes else None
+        )
+        sizes[:] = [size, dtypes]
         if not checked:
             plan = evaluation_plan(opt_state)
             method = plan.method
@@ -268,7 +272,7 @@ def make_data_parallel_step(
                     " `samx.runtime.Trainer(tx, loss_fn, descent_device=mesh)`."
                 )
             checked.append(method)
-        batch = put_batch(fn, batch, in_batch)
+        batch = put_batch(fn, _plan.owned(batch), in_batch)
         if m_sharpness:
             params, opt_state = jax.device_put((params, opt_state), every)
             return watched(jitted(params, opt_state, batch))

@@ -175,6 +175,19 @@ class Trainer:
     The Trainer keeps the previous batch (``TrainerState.prev_batch``) where
     the plan needs it, so the loop passes the current batch only.
 
+    **Your batch buffers are yours again when** :meth:`step` **returns.** The
+    step copies each NumPy leaf of the batch on the host before any device
+    sees it (``jax.device_put`` may alias a NumPy array on the CPU backend,
+    and the step's computations read their inputs after it returns), so a
+    loader may refill one preallocated buffer for every batch, at once,
+    without waiting for the devices. The copy is one host ``memcpy`` of the
+    batch (``benchmarks/runtime_overhead.py``, "no batch copy"); JAX arrays
+    are immutable and taken as they are. A batch you ``jax.device_put``
+    yourself from a buffer you refill is the exception: on the CPU backend
+    that array may alias the buffer, so put a copy (``jnp.array(buffer)``).
+    Do not write to a buffer while :meth:`step` is running on another
+    thread.
+
     **The state given to a step is used up.** :meth:`step` donates the
     state's arrays (``params``, ``opt_state``, ``model_state``, ``step``) to
     its jitted update, so that the devices hold one copy of the parameters
@@ -191,7 +204,9 @@ class Trainer:
     ``ValueError`` (a step of another size would compile again, and AsyncSAM
     and SAMPa pair each descent with the previous batch). Drop the last,
     smaller batch of an epoch (``drop_remainder=True``, ``drop_last=True``) or
-    pad it; every samx loop follows this rule (:doc:`/pairing`).
+    pad it; every samx loop follows this rule (:doc:`/pairing`). Likewise
+    one dtype per leaf: under ``jax_enable_x64`` a float64 batch among
+    float32 ones raises a ``ValueError`` (it would compile the step again).
 
     **Data parallel.** ``descent_device`` may be a ``jax.sharding.Mesh``: each
     batch is then split along ``batch_axis`` (``NamedSharding(mesh,
@@ -371,6 +386,7 @@ class Trainer:
         self._multiprocess = self.mesh is not None and self.mesh.is_multi_process
         self._compiled: dict[Any, Callable] = {}
         self._batch_size: int | None = None  # the run's, set by its first step
+        self._batch_dtypes: tuple | None = None  # likewise
         self.pairing = pairing
         self._plan: _plan.EvaluationPlan | None = None
         self._last_step: Any = None  # `step` of the state the last step returned
@@ -484,8 +500,8 @@ class Trainer:
     def _init(self, params: Any, model_state: Any, *, abstract: bool) -> TrainerState:
         """:meth:`init`, or (``abstract``) its shapes without allocating it (for
         restore targets); the same checks either way, outside any trace. A new
-        run: its first step sets the batch size."""
-        self._batch_size = None
+        run: its first step sets the batch size and dtypes."""
+        self._batch_size = self._batch_dtypes = None
         if params is not None:  # None: the transform's own init says so
             _checks.require_params("samx.runtime.Trainer", params, "init")
         if abstract:
@@ -559,6 +575,8 @@ class Trainer:
         if self._multiprocess:  # a global array: say so, not that its size differs
             _processes.check_local(fn, batch)
         _plan.check_batch_size(fn, size, self._batch_size)
+        dtypes = _plan.batch_dtypes(batch)
+        _plan.check_batch_dtypes(fn, dtypes, self._batch_dtypes)
         if self.calibration is not None and size != self.calibration.batch_size:
             raise ValueError(
                 f"`{fn}(batch=...)` has {size} examples, but"
@@ -579,6 +597,7 @@ class Trainer:
         # tx.update's arguments that only the loop knows (AsyncSAM's b'/b):
         # bound into the jitted pieces that call it, one jit per value.
         args = _plan.update_args(plan, size, self.ascent_batch_size)
+        batch = _plan.owned(batch)  # the caller may refill its buffers now
         batch_d = self._put_batch(fn, batch)
         prev = state.prev_batch
         if prev is not None:
@@ -603,7 +622,7 @@ class Trainer:
         if plan.uses(_plan.PREVIOUS):
             state = state._replace(prev_batch=batch_d)
         self._last_step = state.step
-        self._batch_size = size
+        self._batch_size, self._batch_dtypes = size, dtypes
         self._watch.see(fn, metrics["grad_norm"], state.opt_state, stacklevel=4)
         return state, metrics
 
