@@ -338,3 +338,32 @@ def test_checkpoint_manager_keeps_the_last_steps_and_resumes(tmp_path):
     for batch in batches[steps:]:
         expected, _ = trainer.step(expected, batch)
     _assert_equal_trees(state, expected)
+
+
+def test_another_transforms_checkpoint_fails_in_orbax_naming_the_fields(tmp_path):
+    # docs/checkpoints.md: a state saved by AsyncSAM does not restore into a
+    # SAMPa Trainer's target; orbax refuses it before any step, naming the
+    # stored gradients that differ. Its parameters alone restore (a new
+    # method started from them), through orbax's partial restore.
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=8)
+    batch = sample(jax.random.key(1))
+    saver = Trainer(samx.async_sam(optax.sgd(0.1)), loss, ascent_batch_size=4)
+    state, _ = saver.step(saver.init(params), batch)
+    other = Trainer(samx.sampa(optax.sgd(0.1)), loss)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "run", state)
+        ckpt.wait_until_finished()
+        target = abstract_state(other, params, batch=batch)
+        with pytest.raises(ValueError, match=r"(?s)ascent_grad.*aux_grad"):
+            ckpt.restore(tmp_path / "run", target)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        item = {"params": target.params}
+        only = ckpt.restore(
+            tmp_path / "run",
+            args=ocp.args.PyTreeRestore(
+                item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ),
+        )
+    _assert_equal_trees(only["params"], state.params)
