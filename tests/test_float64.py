@@ -237,3 +237,97 @@ def test_asam_equals_the_official_code_in_float64():
         # ... and the comparison can fail: ASAM moved away from the base optimizer.
         plain = _named(plain_trajectory(_coupled_sgd(), params, loss, batches)[-1])
         assert not np.allclose(plain["fc0.weight"], ours[-1]["fc0.weight"], atol=1e-6)
+
+
+# --- One dtype per run: a float64 batch among float32 ones is refused ---------
+
+
+def _linear_loss(params, batch):
+    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+
+def _loops():
+    """Each samx loop that compiles a step: ``step(batch)`` on a fresh run."""
+    import flax.linen as nn
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import samx.flax
+    import samx.runtime
+
+    def trainer(tx):
+        plan = samx.evaluation_plan(tx.init({"w": jnp.zeros((3, 1))}))
+        ascent = 2 if plan.uses("ascent") else None
+        t = samx.runtime.Trainer(tx, _linear_loss, ascent_batch_size=ascent)
+        box = [t.init({"w": jnp.zeros((3, 1), jnp.float32)})]
+
+        def step(batch):
+            box[0], _ = t.step(box[0], batch)
+
+        return step
+
+    def nnx_step():
+        model = nnx.Linear(3, 1, rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+        opt = nnx.Optimizer(model, samx.sampa(optax.sgd(0.1)), wrt=nnx.Param)
+        inner = samx.flax.make_nnx_train_step(
+            lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2)
+        )
+        return lambda batch: inner(model, opt, batch)
+
+    def linen_step():
+        def loss(params, stats, batch):
+            out = nn.Dense(1).apply({"params": params}, batch["x"])
+            return jnp.mean((out - batch["y"]) ** 2), stats
+
+        params = nn.Dense(1).init(jax.random.key(0), jnp.ones((1, 3), jnp.float32))
+        box = [
+            samx.flax.TrainState.create(
+                apply_fn=None, params=params["params"], tx=samx.sam(optax.sgd(0.1))
+            )
+        ]
+        inner = samx.flax.make_linen_train_step(loss)
+
+        def step(batch):
+            box[0], _ = inner(box[0], batch)
+
+        return step
+
+    def data_parallel():
+        tx = samx.sam(optax.sgd(0.1))
+        mesh = Mesh(np.array(jax.devices("cpu")[:2]), ("data",))
+        inner = samx.runtime.make_data_parallel_step(tx, _linear_loss, mesh)
+        box = [{"w": jnp.zeros((3, 1), jnp.float32)}]
+        box.append(tx.init(box[0]))
+
+        def step(batch):
+            box[0], box[1], _ = inner(box[0], box[1], batch)
+
+        return step
+
+    return {
+        "Trainer-sam": lambda: trainer(samx.sam(optax.sgd(0.1))),
+        "Trainer-async_sam": lambda: trainer(samx.async_sam(optax.sgd(0.1))),
+        "make_nnx_train_step": nnx_step,
+        "make_linen_train_step": linen_step,
+        "make_data_parallel_step": data_parallel,
+    }
+
+
+@pytest.mark.parametrize("loop", list(_loops()))
+def test_a_batch_of_another_dtype_is_refused_under_x64(loop):
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(4, 3)).astype(np.float32),
+        "y": rng.normal(size=(4, 1)).astype(np.float32),
+    }
+    wide = dict(batch, x=batch["x"].astype(np.float64))
+    with jax.enable_x64(True):
+        step = _loops()[loop]()
+        step(batch)
+        with pytest.raises(ValueError, match=r"\['x'\] is float64.*float32 there"):
+            step(wide)
+        step(batch)  # the run goes on
+    # Without x64 a float64 NumPy batch is computed in float32: accepted.
+    step = _loops()[loop]()
+    step(batch)
+    step(wide)

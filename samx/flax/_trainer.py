@@ -224,7 +224,8 @@ class Trainer:
         # device or mesh: a clear error now, not at the next step
         self.runtime.check_state(value, "`samx.flax.Trainer.state`")
         self._state = value
-        self.runtime._batch_size = None  # a new run: its first step sets it
+        # A new run: its first step sets the batch size and dtypes.
+        self.runtime._batch_size = self.runtime._batch_dtypes = None
 
     @property
     def model(self) -> nnx.Module:
