@@ -536,3 +536,58 @@ def test_linen_bad_inputs():
         grads(linen_loss, state, batch, ascent_batch=batch)
     with pytest.raises(ValueError, match="does not have the tree structure"):
         samx.flax.apply_gradients(state, {"w": jnp.zeros(3)})
+
+
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+@pytest.mark.parametrize("method", ["sam", "async_sam", "sampa"])
+def test_donating_steps_give_the_same_run_and_free_the_given_arrays(flavour, method):
+    # make_*_train_step(donate=True): the jitted update reuses the given
+    # state's buffers (the old arrays are deleted) and the run is bit-identical
+    # to donate=False. The batches are JAX arrays, which the step also keeps
+    # as the previous batch: a state that is donated must not share them.
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+            "y": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+        }
+        for _ in range(3)
+    ]
+    ascent = 4 if method == "async_sam" else None
+
+    def run(donate):
+        if flavour == "nnx":
+            model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+            opt = nnx.Optimizer(model, TRANSFORMS[method](), wrt=nnx.Param)
+            step = samx.flax.make_nnx_train_step(
+                lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2),
+                ascent_batch_size=ascent,
+                donate=donate,
+            )
+            given = model.kernel.get_value()
+            for batch in batches:
+                step(model, opt, batch)
+            return given, model.kernel.get_value()
+        dense = nn.Dense(2)
+        params = dense.init(jax.random.key(0), batches[0]["x"])["params"]
+        state = samx.flax.TrainState.create(
+            apply_fn=None, params=params, tx=TRANSFORMS[method]()
+        )
+
+        def loss(params, stats, batch):
+            out = dense.apply({"params": params}, batch["x"])
+            return jnp.mean((out - batch["y"]) ** 2), stats
+
+        step = samx.flax.make_linen_train_step(
+            loss, ascent_batch_size=ascent, donate=donate
+        )
+        given = params["kernel"]
+        for batch in batches:
+            state, _ = step(state, batch)
+        return given, state.params["kernel"]
+
+    given, kept = run(donate=False)
+    given_donated, donated = run(donate=True)
+    assert not given.is_deleted() and given_donated.is_deleted()
+    assert all(not x.is_deleted() for b in batches for x in jax.tree.leaves(b))
+    np.testing.assert_array_equal(donated, kept)

@@ -37,6 +37,12 @@ def check_loss_fn(fn: str, loss_fn: Any) -> None:
 check_flag = _checks.check_flag
 
 
+def own_copy(batch: Any) -> Any:
+    """A copy of ``batch`` on the device, sharing no buffer with it: what a
+    state that a step donates may keep of a batch also passed to that step."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), batch)
+
+
 def check_ascent_batch_size(fn: str, value: Any) -> None:
     """Checks a static ``ascent_batch_size``: None or an int ``>= 1``."""
     if value is not None and (not _checks.is_int(value) or value < 1):

@@ -425,6 +425,7 @@ def make_linen_train_step(
     has_aux: bool = False,
     ascent_batch_size: int | None = None,
     pairing: str = "paired",
+    donate: bool = False,
 ) -> Callable[..., tuple[Any, dict[str, Any]]]:
     r"""A ``jax.jit``-compiled :func:`linen_train_step` for ``loss_fn``.
 
@@ -437,6 +438,12 @@ def make_linen_train_step(
       pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
         and SAMPa's perturbed gradient sees the examples its perturbation came
         from, the previous batch (see :func:`samx.evaluation_plan`).
+      donate: whether the step donates the ``state`` it is given to its
+        jitted update (default False): the devices then hold one copy of the
+        parameters and optimizer state, not two, and the given ``state`` is
+        invalid after the step (its arrays are deleted, including the
+        ``params`` it was created from); keep the one the step returns, and
+        copy what you keep of an older one (``jax.tree.map(jnp.copy, ...)``).
 
     Returns:
       ``step(state, batch, prev_batch=None, ascent_batch=None) -> (state,
@@ -478,6 +485,7 @@ def make_linen_train_step(
     _common.check_flag(fn, "has_aux", has_aux)
     _common.check_ascent_batch_size(fn, ascent_batch_size)
     _plan.check_pairing(fn, pairing)
+    _common.check_flag(fn, "donate", donate)
     step = functools.partial(
         linen_train_step,
         loss_fn=loss_fn,
@@ -486,7 +494,7 @@ def make_linen_train_step(
         pairing=pairing,
     )
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
     def jitted(
         state: Any, batch: Any, prev_batch: Any = None, ascent_batch: Any = None
     ) -> tuple[Any, dict[str, Any], jax.Array]:
@@ -536,5 +544,6 @@ def _with_prev_batch(state: Any, batch: Any, pairing: str) -> Any:
         return state
     _common.check_batch("samx.flax.linen_train_step", "batch", batch)
     if _plan.evaluation_plan(state.opt_state, pairing=pairing).uses(_plan.PREVIOUS):
-        return state.replace(prev_batch=batch)
+        # Its own arrays: the step may donate the state, not the batch.
+        return state.replace(prev_batch=_common.own_copy(batch))
     return state

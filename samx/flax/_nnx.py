@@ -376,6 +376,7 @@ def make_nnx_train_step(
     has_aux: bool = False,
     ascent_batch_size: int | None = None,
     pairing: str = "paired",
+    donate: bool = False,
 ) -> Callable[..., dict[str, Any]]:
     r"""An ``nnx.jit``-compiled :func:`nnx_train_step` for ``loss_fn``.
 
@@ -387,6 +388,14 @@ def make_nnx_train_step(
       pairing: ``"paired"`` (default) or ``"unpaired"``: whether AsyncSAM's
         and SAMPa's perturbed gradient sees the examples its perturbation came
         from, the previous batch (see :func:`samx.evaluation_plan`).
+      donate: whether the step donates the model's and the optimizer's
+        arrays to its jitted update (default False): the devices then hold
+        one copy of the parameters and optimizer state, not two, as
+        :class:`samx.flax.Trainer` does by default. The model and optimizer
+        are updated in place, but any other holder of their arrays loses
+        them at the first step: ``nnx.clone`` copies share the arrays (so do
+        not compile the step on clones with ``donate=True``), as do states
+        taken out with ``nnx.state(model)`` and kept aside. Hence opt-in.
 
     Returns:
       ``step(model, optimizer, batch, prev_batch=None, ascent_batch=None) ->
@@ -424,8 +433,9 @@ def make_nnx_train_step(
     _common.check_flag(fn, "has_aux", has_aux)
     _common.check_ascent_batch_size(fn, ascent_batch_size)
     _plan.check_pairing(fn, pairing)
+    _common.check_flag(fn, "donate", donate)
 
-    @nnx.jit
+    @nnx.jit(donate_argnums=(0, 1) if donate else None)
     def jitted(
         model: nnx.Module,
         optimizer: nnx.Optimizer,
@@ -484,4 +494,5 @@ def _add_prev_batch(optimizer: Any, batch: Any, pairing: str) -> None:
         return
     _common.check_batch("samx.flax.nnx_train_step", "batch", batch)
     if _plan.evaluation_plan(optimizer.opt_state, pairing=pairing).uses(_plan.PREVIOUS):
-        optimizer.prev_batch = PrevBatch(batch)
+        # Its own arrays: the step may donate the optimizer, not the batch.
+        optimizer.prev_batch = PrevBatch(_common.own_copy(batch))
