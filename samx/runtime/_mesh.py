@@ -20,7 +20,7 @@ from samx import _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import evaluation_plan
 from samx.runtime import _watch
-from samx.runtime._processes import put_batch
+from samx.runtime._processes import agree_batch_size, put_batch
 from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
 
 
@@ -247,6 +247,8 @@ def make_data_parallel_step(
     def step(params, opt_state, batch):
         _checks.require_params(fn, params, "step")
         size = check_batch_divides("make_data_parallel_step(...)", batch, mesh, axis)
+        if not sizes and mesh.is_multi_process:  # once: the processes agree
+            agree_batch_size("make_data_parallel_step(...)", size)
         _plan.check_batch_size(
             "make_data_parallel_step(...)", size, sizes[0] if sizes else None
         )

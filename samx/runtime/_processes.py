@@ -2,9 +2,10 @@
 
 In a multi-controller JAX program every process runs the same code and feeds
 its own part of each global batch. These helpers turn process-local data into
-global arrays, copy a replicated array to one of this process's devices, and
-lay out one value per process as rows of a global array, so that a jitted
-mean over the rows averages across processes.
+global arrays, check once that every process feeds as many examples, replicate
+process-local values on the mesh, copy a replicated array to one of this
+process's devices, and lay out one value per process as rows of a global
+array, so that a jitted mean over the rows averages across processes.
 """
 
 from typing import Any
@@ -33,6 +34,60 @@ def put_batch(fn: str, batch: Any, sharding: Any) -> Any:
     # as implicit).
     with jax.transfer_guard_host_to_device("allow"):
         return jax.make_array_from_process_local_data(sharding, batch)
+
+
+def agree_batch_size(fn: str, size: int) -> None:
+    """Every process's part of the batch has ``size`` examples; a clear error,
+    on every process, if not.
+
+    A collective (every process calls it), so run it once per run, at its
+    first step, not at every step: the later steps check their size locally
+    against the first. With unequal parts, ``make_array_from_process_local_data``
+    builds a different global array in each process.
+    """
+    from jax.experimental import multihost_utils
+
+    # One small all-gather, deliberate and once per run: allowed under any
+    # `jax.transfer_guard` the caller's loop runs in.
+    with jax.transfer_guard("allow"):
+        sizes = np.asarray(multihost_utils.process_allgather(np.int32(size)))
+    sizes = [int(x) for x in sizes.reshape(-1)]
+    if len(set(sizes)) > 1:
+        each = ", ".join(f"process {r}: {k}" for r, k in enumerate(sizes))
+        raise ValueError(
+            f"`{fn}(batch=...)`: the processes' parts of the batch differ in"
+            f" size ({each} examples; this is process {jax.process_index()}):"
+            " on a mesh that spans several processes, every process must pass"
+            " the same number of examples, its equal share of the global batch."
+        )
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree`` replicated on ``sharding``, whose mesh spans several processes.
+
+    Each process passes the same values, on the host or on its own devices
+    (committed to one, or RNG key arrays: ``jax.device_put`` onto a mesh over
+    several processes takes neither). Each leaf is copied to this process's
+    devices of the mesh and assembled into a global array; a leaf already on
+    the mesh, and a tracer (``jax.eval_shape``), go through
+    ``jax.device_put``. Every leaf is a copy (never an alias of the input).
+    """
+    # In the mesh's order: JAX assembles a key array from its pieces in the
+    # order given (other arrays by their devices).
+    me = jax.process_index()
+    devices = [d for d in sharding.mesh.devices.flat if d.process_index == me]
+
+    def put(x):
+        if isinstance(x, jax.core.Tracer) or (
+            isinstance(x, jax.Array) and not x.is_fully_addressable
+        ):
+            return jax.device_put(x, sharding, may_alias=False)
+        pieces = [jax.device_put(x, d, may_alias=False) for d in devices]
+        return jax.make_array_from_single_device_arrays(
+            pieces[0].shape, sharding, pieces
+        )
+
+    return jax.tree.map(put, tree)
 
 
 def check_local(fn: str, batch: Any) -> None:

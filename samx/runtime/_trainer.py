@@ -219,21 +219,32 @@ class Trainer:
     multiple of the mesh's ``batch_axis`` size.
 
     **Several processes** (``jax.distributed``, one mesh over every process's
-    devices). Every process runs the same loop and passes its own part of
-    each global batch to :meth:`step` (NumPy arrays; the global batch is
-    their concatenation in process order, made with
-    ``jax.make_array_from_process_local_data``), and the trajectory is the
-    one-process trajectory on the global batch. AsyncSAM's ascent runs on
-    each process's own host CPU (``ascent_device``, default this process's
-    first CPU device) over the first ``ascent_batch_size`` examples *of its
-    local batch*, and the descent step averages the processes' ascent
-    gradients: with P processes the ascent gradient is the one of those P x
-    ``ascent_batch_size`` examples (the whole global batch when
+    devices). Every process runs the same loop and passes its own part of each
+    global batch to :meth:`step` (NumPy arrays; the global batch is their
+    concatenation in process order, made with
+    ``jax.make_array_from_process_local_data``), every part of the same size
+    (the processes compare their sizes once, at the first step of a run, and
+    each raises a ``ValueError`` naming them if they differ), and the same
+    initial parameters and model state to :meth:`init` (host values or arrays
+    on this process's devices, RNG keys included), which replicates them on
+    the mesh. The trajectory is the one-process trajectory on the global
+    batch, except AsyncSAM's with a loss that couples the examples of a batch
+    (below). AsyncSAM's ascent runs on each process's own host CPU
+    (``ascent_device``, default this process's first CPU device) over the
+    first ``ascent_batch_size`` examples *of its local batch*, and the descent
+    step averages the processes' ascent gradients, each on its own
+    ``ascent_batch_size`` examples (with P processes, P x
+    ``ascent_batch_size`` examples together: the whole global batch when
     ``ascent_batch_size`` is None or the local batch size), and every process
-    must use the same ``ascent_batch_size``. ``metrics["ascent_grad_norm"]``
-    is then the norm of this process's own ascent gradient. SAMPa runs both
-    gradients on the mesh (no ``ascent_device``); the previous batch it keeps
-    is a global array of which each process holds its own part.
+    must use the same ``ascent_batch_size``. That mean is the one-process
+    ascent gradient on those examples when the loss is a mean of per-example
+    losses; with BatchNorm in training mode (statistics over the batch), each
+    process's ascent normalises with its own local examples' statistics, so
+    the trajectory differs from the one-process one (and is the same on every
+    process). ``metrics["ascent_grad_norm"]`` is then the norm of this
+    process's own ascent gradient. SAMPa runs both gradients on the mesh (no
+    ``ascent_device``); the previous batch it keeps is a global array of which
+    each process holds its own part.
 
     Args:
       tx: the transform, e.g. ``samx.async_sam(optax.sgd(0.1), rho=0.05)``,
@@ -255,8 +266,10 @@ class Trainer:
         each batch that :meth:`step` is given: under ``jax.distributed``, of
         each process's local batch); default the whole batch. Or what
         :func:`samx.runtime.calibrate_ascent_batch` returned: its b', checked
-        against this Trainer's devices (when built) and batch size (at each
-        step), with one warning when it is built if its ``hides`` is False.
+        against this Trainer's devices (when built; on a mesh, calibrate
+        with ``fast_device=mesh``, and under ``jax.distributed`` every
+        process gets the same b' from it) and batch size (at each step), with
+        one warning when it is built if its ``hides`` is False.
         Kept as ``trainer.calibration`` (None otherwise).
       has_state: whether ``loss_fn`` takes and returns a model state.
       sampa_vmap: SAMPa on one device: compute its two gradients in one
@@ -531,7 +544,7 @@ class Trainer:
             raise ValueError(
                 "`Trainer(has_state=True)` needs `init(params, model_state)`."
             )
-        params = self._put(params, self._state_place)
+        params = self._put_state(params, copy=False)
         opt_state = jax.jit(self.tx.init)(params)
         _chain.warn_transforms_before("samx.runtime.Trainer", opt_state)
         state = TrainerState(
@@ -545,7 +558,20 @@ class Trainer:
         # uncommitted), so that the first step compiles what the others reuse;
         # copied (no aliasing), so that the first step, which donates the
         # state, never deletes the caller's `params` or `model_state`.
-        return jax.device_put(state, self._state_place, may_alias=False)
+        return self._put_state(state)
+
+    def _put_state(self, tree: Any, copy: bool = True) -> Any:
+        """``tree`` where the state lives (replicated on a mesh), a copy.
+
+        ``copy=False``: an alias where ``jax.device_put`` allows one. On a mesh
+        over several processes always a copy, through
+        :func:`_processes.replicate`: ``jax.device_put`` there refuses values
+        committed to this process's devices and RNG key arrays.
+        """
+        if self._multiprocess:
+            return _processes.replicate(tree, self._state_place)
+        may_alias = False if copy else None  # None: JAX decides
+        return jax.device_put(tree, self._state_place, may_alias=may_alias)
 
     def step(self, state: TrainerState, batch: Any) -> tuple[TrainerState, dict]:
         """One training step; returns at once, before the devices finish.
@@ -574,6 +600,8 @@ class Trainer:
         size = self._check_batch(fn, batch)
         if self._multiprocess:  # a global array: say so, not that its size differs
             _processes.check_local(fn, batch)
+            if self._batch_size is None:  # once per run: the processes agree
+                _processes.agree_batch_size(fn, size)
         _plan.check_batch_size(fn, size, self._batch_size)
         dtypes = _plan.batch_dtypes(batch)
         _plan.check_batch_dtypes(fn, dtypes, self._batch_dtypes)
