@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 from _testing import async_sam_reference, count_compilations, mlp_problem, pure_step
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import samx
 from samx.runtime import Trainer, calibrate_ascent_batch, method_of
@@ -399,6 +401,52 @@ def test_calibration_times_real_transfers_between_two_devices():
         )
     assert c.transfer_seconds > 0 and isinstance(c.hides, bool)
     assert same.transfer_seconds == 0.0
+
+
+def test_calibration_times_the_sharded_descent_on_a_mesh(monkeypatch):
+    # fast_device=mesh: the descent timed is the Trainer's on that mesh (the
+    # batch split along its axis, the parameters replicated), and a Trainer on
+    # the mesh takes the result. The clock is made up (b' = 4 hides); each
+    # timed gradient still runs once.
+    mesh = Mesh(np.array(jax.devices("cpu")[:4]), ("data",))
+    params, loss, sample = mlp_problem(jax.random.key(0), batch=16)
+    batches = _numpy_batches(sample, 3)
+    real, timed = samx.runtime._calibrate._median_seconds, []
+
+    def clock(fn, args, repeats):
+        real(fn, args, 1)
+        timed.append(jax.tree.map(lambda x: x.sharding, args))
+        examples = jax.tree.leaves(args[2])[0]
+        return 1.0 if len(examples.devices()) > 1 else 0.2 * examples.shape[0]
+
+    monkeypatch.setattr("samx.runtime._calibrate._median_seconds", clock)
+    c = calibrate_ascent_batch(loss, params, batches[0], fast_device=mesh)
+    descent = timed[0]
+    assert {x.spec for x in jax.tree.leaves(descent[2])} == {P("data")}
+    assert {x.spec for x in jax.tree.leaves(descent[0])} == {P()}
+    assert {x.mesh for x in jax.tree.leaves(descent)} == {mesh}
+    assert (c.fast_device, c.ascent_batch_size, c.hides) == (mesh, 4, True)
+    tx = TRANSFORMS["async_sam"]()
+    trainer = Trainer(tx, loss, descent_device=mesh, ascent_batch_size=c)
+    by_hand = Trainer(tx, loss, descent_device=mesh, ascent_batch_size=4)
+    ours = _trajectory(trainer, params, batches)
+    theirs = _trajectory(by_hand, params, batches)
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    def slow_clock(fn, args, repeats):  # even b' = 1 is slower than the descent
+        return 1.0 if len(jax.tree.leaves(args[2])[0].devices()) > 1 else 2.0
+
+    monkeypatch.setattr("samx.runtime._calibrate._median_seconds", slow_clock)
+    with pytest.warns(UserWarning, match=r"Trainer\(\.\.\., ascent_device='cpu:0'\)"):
+        c = calibrate_ascent_batch(loss, params, batches[0], fast_device=mesh)
+    assert (c.ascent_batch_size, c.hides) == (1, False)
+    with pytest.raises(ValueError, match=r"the batch axis 'model' is not an axis"):
+        calibrate_ascent_batch(
+            loss, params, batches[0], fast_device=mesh, batch_axis="model"
+        )
+    with pytest.raises(ValueError, match=r"\(batch_axis=\.\.\.\)` needs `fast_dev"):
+        calibrate_ascent_batch(loss, params, batches[0], batch_axis="data")
 
 
 def _calibration(b=8, b_=2, hides=True, fast=CPU0, slow=CPU1):

@@ -41,8 +41,12 @@ def calibrate_ascent_batch(
       wrt: the ``nnx`` filter of the trained variables; default ``nnx.Param``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       **kwargs: the options of :func:`samx.runtime.calibrate_ascent_batch`:
-        ``fast_device``, ``slow_device``, ``repeats``. Not ``model_state`` or
-        ``has_state``: the model state is the model's.
+        ``fast_device`` (a device, or the ``jax.sharding.Mesh`` the Trainer
+        trains on), ``slow_device``, ``repeats``, ``batch_axis``. Not
+        ``model_state`` or ``has_state``: the model state is the model's.
+        Under ``jax.distributed`` every process calls it with its own part
+        of the batch, and the processes agree on one b' (the smallest they
+        chose; see :func:`samx.runtime.calibrate_ascent_batch`).
 
     Returns:
       The :class:`samx.runtime.AscentBatchCalibration`, with every time it

@@ -7,11 +7,16 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from samx import _checks
 from samx._plan import ascent_subset, check_batch
-from samx.runtime import _devices
-from samx.runtime._trainer import value_and_grad
+from samx.runtime import _devices, _processes
+from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
+
+_FN = "samx.runtime.calibrate_ascent_batch"
 
 
 class AscentBatchCalibration(NamedTuple):
@@ -26,9 +31,12 @@ class AscentBatchCalibration(NamedTuple):
         whole batch on the slow device and scaled this per-example time
         linearly; per-example times are not constant, so b' is now timed
         directly: see ``ascent_seconds``.)
-      fast_device: the descent device.
-      slow_device: the ascent device.
-      descent_seconds: the gradient on the b examples on the fast device,
+      fast_device: the descent device, or the ``jax.sharding.Mesh`` whose
+        sharded descent was timed.
+      slow_device: the ascent device (this process's).
+      descent_seconds: the gradient on the b examples on the fast device
+        (on a mesh: on the batch split along its batch axis, under several
+        processes the global batch of the processes' b examples each),
         median over the repeats.
       ascent_seconds: ``{b': seconds}``, the gradient on the first b'
         examples on the slow device, median over the repeats, for every
@@ -39,14 +47,15 @@ class AscentBatchCalibration(NamedTuple):
         besides its two gradients. 0 when the two devices are one.
       hides: whether the chosen b' hides behind the descent, ``ascent_seconds[
         b'] + transfer_seconds <= descent_seconds``. False when even b' = 1
-        does not: then every step on two devices is slower than SGD.
+        does not: then every step on two devices is slower than SGD. Under
+        several processes, whether it hides on every process.
     """
 
     batch_size: int
     ascent_batch_size: int
     fast_seconds_per_example: float
     slow_seconds_per_example: float
-    fast_device: jax.Device
+    fast_device: jax.Device | Mesh
     slow_device: jax.Device
     descent_seconds: float
     ascent_seconds: dict[int, float]
@@ -95,8 +104,9 @@ def _warn_no_hiding(calibration: "AscentBatchCalibration") -> None:
     """The warning when even b' = 1 does not hide behind the descent."""
     c = calibration
     ms = lambda s: f"{s * 1e3:.3g} ms"  # noqa: E731
-    local = jax.local_devices(backend=c.fast_device.platform)
-    fast = f"{c.fast_device.platform}:{local.index(c.fast_device)}"
+    device = _one_device(c.fast_device)
+    local = jax.local_devices(backend=device.platform)
+    fast = f"{device.platform}:{local.index(device)}"
     warnings.warn(
         "calibrate_ascent_batch: even b' = 1 does not hide behind the descent."
         f" The ascent of one example on {c.slow_device} takes"
@@ -114,6 +124,26 @@ def _warn_no_hiding(calibration: "AscentBatchCalibration") -> None:
     )
 
 
+def _one_device(fast: Any) -> jax.Device:
+    """``fast`` if a device; on a mesh, this process's first device of it."""
+    if not isinstance(fast, Mesh):
+        return fast
+    return next(d for d in fast.devices.flat if d.process_index == jax.process_index())
+
+
+def _agree(chosen: int, hides: bool) -> tuple[int, bool]:
+    """Under several processes, the b' every process takes: the smallest of
+    the processes' choices (each step waits for the slowest process's
+    ascent), and whether it hides on every process."""
+    if jax.process_count() == 1:
+        return chosen, hides
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.int32([chosen, hides])))
+    every = every.reshape(-1, 2)
+    return int(every[:, 0].min()), bool(every[:, 1].all())
+
+
 def calibrate_ascent_batch(
     loss_fn: Callable[..., Any],
     params: Any,
@@ -124,6 +154,7 @@ def calibrate_ascent_batch(
     model_state: Any = None,
     has_state: bool = False,
     repeats: int = 10,
+    batch_axis: str | None = None,
 ) -> AscentBatchCalibration:
     """Chooses AsyncSAM's ascent batch so that the ascent hides behind the descent.
 
@@ -142,6 +173,22 @@ def calibrate_ascent_batch(
     compiling run. This is a one-off measurement before training; it blocks
     the host, unlike a train step.
 
+    **Data parallel, several processes.** ``fast_device`` may be the
+    ``jax.sharding.Mesh`` the Trainer trains on (``Trainer(descent_device=
+    mesh)``): the descent timed is then the sharded one, on ``batch`` split
+    along ``batch_axis`` with the parameters replicated, and the transfers
+    are timed between the slow device and this process's first device of the
+    mesh. Under ``jax.distributed`` every process calls this function (it
+    talks to the others), with its own part of the global batch as ``batch``,
+    as it passes to ``Trainer.step``; b' counts examples of that part, and
+    each process times its own host's ascent. The processes then agree: each
+    gets the smallest b' that any of them chose (a step waits for the slowest
+    process's ascent), with ``hides`` True only if it hides on every one, so
+    that every process builds its Trainer with the same b'. The times
+    returned are this process's own (b' timed here too when another process
+    chose it), and the warning comes from the processes where even b' = 1
+    does not hide.
+
     The paper's rule, ``b' = b * t_fast / t_slow`` from per-example times,
     assumes that a gradient's time scales with its batch; it does not (fixed
     per-step work does not shrink: on a 2-core CPU a gradient on b/4 examples
@@ -151,12 +198,15 @@ def calibrate_ascent_batch(
       loss_fn: as for :class:`samx.runtime.Trainer`.
       params: the parameters.
       batch: a batch of the size the training uses.
-      fast_device: the descent device; default ``jax.local_devices()[0]``.
+      fast_device: the descent device, or a ``jax.sharding.Mesh`` (its
+        sharded descent, see above); default ``jax.local_devices()[0]``.
       slow_device: the ascent device; default this process's first CPU device,
         ``jax.local_devices(backend="cpu")[0]``.
       model_state: the model state, with ``has_state=True``.
       has_state: as for :class:`samx.runtime.Trainer`.
       repeats: timed runs per measurement, ``>= 1``.
+      batch_axis: with a mesh, the mesh axis the batch is split along;
+        default the mesh's first axis (as for :class:`samx.runtime.Trainer`).
 
     Returns:
       An :class:`AscentBatchCalibration` with every time it measured; pass it
@@ -199,25 +249,42 @@ def calibrate_ascent_batch(
             "`calibrate_ascent_batch(has_state=True)` needs"
             " `model_state=...`, the model state `loss_fn` takes."
         )
-    fast = (
-        jax.local_devices()[0]
-        if fast_device is None
-        else _devices.resolve("fast_device", fast_device)
-    )
+    if isinstance(fast_device, Mesh):
+        axis = fast_device.axis_names[0] if batch_axis is None else batch_axis
+        fast = check_mesh(_FN, "fast_device", fast_device, axis)
+    elif batch_axis is not None:
+        raise ValueError(
+            f"`{_FN}(batch_axis=...)` needs `fast_device` to be a"
+            f" `jax.sharding.Mesh`, got {fast_device!r}."
+        )
+    else:
+        fast = (
+            jax.local_devices()[0]
+            if fast_device is None
+            else _devices.resolve("fast_device", fast_device)
+        )
     slow = (
         jax.local_devices(backend="cpu")[0]
         if slow_device is None
         else _devices.resolve("slow_device", slow_device)
     )
-    size = check_batch("samx.runtime.calibrate_ascent_batch", "batch", batch)
+    if isinstance(fast, Mesh):
+        size = check_batch_divides(_FN, batch, fast, axis)
+    else:
+        size = check_batch(_FN, "batch", batch)
     grad = jax.jit(lambda p, ms, b: value_and_grad(loss_fn, has_state)(p, ms, b)[2])
 
     def seconds(device, examples):
         args = jax.device_put((params, model_state, examples), device)
         return _median_seconds(grad, args, repeats)
 
-    descent = seconds(fast, batch)
-    transfer = _transfer_seconds(params, fast, slow, repeats)
+    if isinstance(fast, Mesh):
+        descent = _median_seconds(
+            grad, _on_mesh(params, model_state, batch, fast, axis), repeats
+        )
+    else:
+        descent = seconds(fast, batch)
+    transfer = _transfer_seconds(params, _one_device(fast), slow, repeats)
     ascent: dict[int, float] = {}
     # Bisection over the exponents: 2**lo hides behind the descent (or lo is
     # -1), 2**hi does not (or exceeds b).
@@ -225,9 +292,13 @@ def calibrate_ascent_batch(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         ascent[1 << mid] = seconds(slow, ascent_subset(batch, 1 << mid))
-        hides = ascent[1 << mid] + transfer <= descent
-        lo, hi = (mid, hi) if hides else (lo, mid)
+        fits = ascent[1 << mid] + transfer <= descent
+        lo, hi = (mid, hi) if fits else (lo, mid)
     chosen = 1 << max(lo, 0)  # 1 when even one example is slower: timed too
+    local_hides = lo >= 0
+    chosen, hides = _agree(chosen, local_hides)
+    if chosen not in ascent:  # another process's, smaller: timed here too
+        ascent[chosen] = seconds(slow, ascent_subset(batch, chosen))
     calibration = AscentBatchCalibration(
         batch_size=size,
         ascent_batch_size=chosen,
@@ -238,8 +309,19 @@ def calibrate_ascent_batch(
         descent_seconds=descent,
         ascent_seconds=dict(sorted(ascent.items())),
         transfer_seconds=transfer,
-        hides=lo >= 0,
+        hides=hides,
     )
-    if not calibration.hides:
+    if not local_hides:
         _warn_no_hiding(calibration)
     return calibration
+
+
+def _on_mesh(params: Any, model_state: Any, batch: Any, mesh: Mesh, axis: str):
+    """``(params, model_state, batch)`` as a Trainer on ``mesh`` places them:
+    the state replicated, the batch (this process's part) split on ``axis``."""
+    state = NamedSharding(mesh, P())
+    if mesh.is_multi_process:
+        placed = _processes.replicate((params, model_state), state)
+    else:
+        placed = jax.device_put((params, model_state), state)
+    return (*placed, _processes.put_batch(_FN, batch, NamedSharding(mesh, P(axis))))
