@@ -68,6 +68,40 @@ def mlp_loss(params, batch):
     return jnp.mean(jnp.square(h - batch["y"]))
 
 
+def dropout_model():
+    """An NNX MLP 8-16-4 (tanh) with dropout (rate 0.5) on its hidden units;
+    ``model.layers[2].rngs`` is the dropout stream."""
+    from flax import nnx
+
+    rngs = nnx.Rngs(0, dropout=1)
+    return nnx.Sequential(
+        nnx.Linear(8, 16, rngs=rngs),
+        jnp.tanh,
+        nnx.Dropout(0.5, rngs=rngs),
+        nnx.Linear(16, 4, rngs=rngs),
+    )
+
+
+def flax_loss(model, batch):
+    """The mean squared error of an NNX model: ``loss_fn(model, batch)``."""
+    return jnp.mean(jnp.square(model(batch["x"]) - batch["y"]))
+
+
+def batch_norm_loss(params, state, batch):
+    """:func:`mlp_loss` with a BatchNorm in training mode after its first layer.
+
+    The hidden units are normalised with the batch's mean and variance (which
+    couple the examples of a batch); ``state``, the running mean, moves
+    towards the batch mean and does not change the loss. The loss of
+    ``samx.runtime.Trainer(has_state=True)``: ``-> (loss, new_state)``.
+    """
+    h = batch["x"] @ params["layer0"]["w"] + params["layer0"]["b"][None, :]
+    mean, var = h.mean(0), h.var(0)
+    h = jnp.tanh((h - mean[None, :]) / jnp.sqrt(var[None, :] + 1e-5))
+    out = h @ params["layer1"]["w"] + params["layer1"]["b"][None, :]
+    return jnp.mean(jnp.square(out - batch["y"])), 0.9 * state + 0.1 * mean
+
+
 def mlp_problem(key, sizes=(8, 16, 4), batch=32):
     """A small MLP regression: params, a loss and a batch sampler."""
     keys = jax.random.split(key, len(sizes))
@@ -127,7 +161,16 @@ def pure_step(tx, method, loss, ascent, pairing="paired"):
 
 
 def async_sam_reference(
-    base, params, loss, batches, *, rho, ascent, pairing, scaling="sqrt"
+    base,
+    params,
+    loss,
+    batches,
+    *,
+    rho,
+    ascent,
+    pairing,
+    scaling="sqrt",
+    ascent_grad=None,
 ):
     """AsyncSAM as ALGORITHMS.md writes it, without samx: the trajectory.
 
@@ -136,7 +179,8 @@ def async_sam_reference(
     ``B_{-1} = B_0``) or ``B_t`` (unpaired); ``x_{t+1} = x_t +
     base.update(d_t)``; ``a_{-1} = 0``. The radius ``r`` is ``rho *
     sqrt(b / b')`` (``scaling="sqrt"``, b' = ``ascent`` of the b examples) or
-    ``rho`` (``"none"``).
+    ``rho`` (``"none"``). ``ascent_grad(params, B_t)``, if given, replaces
+    the ascent gradient ``a_t``.
     """
     grad = jax.grad(loss)
     size = jax.tree.leaves(batches[0])[0].shape[0]
@@ -144,7 +188,10 @@ def async_sam_reference(
 
     @jax.jit
     def step(params, state, previous, descent_batch, batch):
-        a = grad(params, jax.tree.map(lambda x: x[:ascent], batch))
+        if ascent_grad is None:
+            a = grad(params, jax.tree.map(lambda x: x[:ascent], batch))
+        else:
+            a = ascent_grad(params, batch)
         norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(previous)))
         point = jax.tree.map(
             lambda p, g: p + radius * g / (norm + 1e-12), params, previous

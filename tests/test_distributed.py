@@ -22,6 +22,9 @@ import optax
 import pytest
 from _testing import (
     async_sam_reference,
+    batch_norm_loss,
+    dropout_model,
+    flax_loss,
     m_sharpness_reference,
     mlp_loss,
     pure_step,
@@ -144,8 +147,8 @@ def _one_process(case, params, loss, batches):
     sgd = optax.sgd(0.1, momentum=0.9)
     if case == "m_sharpness":
         return m_sharpness_reference(params, loss, batches, 0.05, n=4)[-1]
-    if case.startswith("async_sam"):
-        b = 2 if case == "async_sam_small" else BATCH // PROCESSES
+    if case.startswith("async_sam"):  # calibrated: b' = 2, process 1's choice
+        b = 2 if case in ("async_sam_small", "async_sam_calibrated") else BATCH // 2
         return async_sam_reference(
             sgd,
             params,
@@ -168,9 +171,10 @@ def _one_process(case, params, loss, batches):
     return params
 
 
-@pytest.mark.parametrize(
-    "case", ["sam", "async_sam", "async_sam_small", "sampa", "plain", "m_sharpness"]
-)
+CASES = ["sam", "async_sam", "async_sam_small", "sampa", "plain", "m_sharpness"]
+
+
+@pytest.mark.parametrize("case", [*CASES, "async_sam_calibrated"])
 def test_two_processes_equal_one_process(equality_run, case):
     out, outputs, (params, loss, batches) = equality_run
     expected = jax.tree.leaves(_one_process(case, params, loss, batches))
@@ -195,11 +199,121 @@ def test_two_processes_bad_input_raises_a_clear_error(equality_run):
         r" differs between the processes",
         "a global batch": r"Trainer.step\(batch=\.\.\.\)`: on a mesh that spans"
         r" several processes, pass this process's part of the batch",
+        **{
+            f"unequal batches, {fn}": rf"`{re.escape(name)}\(batch=\.\.\.\)`: the"
+            r" processes' parts of the batch differ in size \(process 0: 8, process"
+            r" 1: 4 examples; this is process \d\).*every process must pass the same"
+            r" number of examples"
+            for fn, name in (
+                ("Trainer", "samx.runtime.Trainer.step"),
+                ("make_data_parallel_step", "make_data_parallel_step(...)"),
+                ("samx.flax.Trainer", "samx.flax.Trainer.step"),
+            )
+        },
     }
     for rank in range(PROCESSES):
         for name, match in expected.items():
             (line,) = [x for x in outputs[rank] if x.startswith(name + ":")]
             assert re.search(f"^{name}: ValueError: .*{match}", line), line
+
+
+def test_two_processes_agree_on_the_calibrated_ascent_batch(equality_run):
+    # calibrate_ascent_batch(fast_device=mesh), its clock made up per process:
+    # alone, process 0 would take b' = 8 and process 1 b' = 2; both take 2,
+    # and the run at it equals the one-process run at b' = 2
+    # (test_two_processes_equal_one_process[async_sam_calibrated]).
+    _, outputs, _ = equality_run
+    for rank, alone in enumerate((8, 2)):
+        assert f"calibration: alone b' = {alone}, agreed b' = 2" in outputs[rank]
+
+
+def _flax_sam_reference(batches, steps):
+    """samx.sam on _testing's dropout model, on one device, without samx.flax:
+    both passes of a step draw the dropout keys of its start; the parameters
+    and the dropout count after ``steps`` steps."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(dropout_model(), nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)  # arrays, for the jit
+    tx = samx.sam(optax.sgd(0.1, momentum=0.9), rho=0.05)
+
+    def loss(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return flax_loss(model, batch), nnx.as_pure(
+            nnx.state(model, nnx.Not(nnx.Param))
+        )
+
+    @jax.jit
+    def step(params, opt_state, rest, batch):
+        grad = jax.grad(lambda p: loss(p, rest, batch)[0])
+        updates, opt_state = tx.update(
+            grad(params), opt_state, params, grad_fn=lambda p, i: grad(p)
+        )
+        new_rest = loss(params, rest, batch)[1]  # the counts moved on
+        return optax.apply_updates(params, updates), opt_state, new_rest
+
+    opt_state = tx.init(params)
+    for batch in batches[:steps]:
+        params, opt_state, rest = step(params, opt_state, rest, batch)
+    count = nnx.merge(graphdef, params, rest).layers[2].rngs.count[...]
+    return jax.tree.leaves(params), int(count)
+
+
+def test_flax_trainer_with_dropout_on_two_processes(equality_run):
+    # samx.flax.Trainer on a mesh over both processes, for an NNX model with
+    # an RNG stream (nnx.Dropout; for SAM, its parameters and keys committed
+    # to one of the process's devices): SAM ends at the one-device run's
+    # parameters, AsyncSAM (its ascent on each process's CPU: each process's
+    # local batch, so no one-device run to match) at the same parameters on
+    # both processes, finite and trained; the stream drew once per step.
+    out, outputs, (_, _, batches) = equality_run
+    expected, count = _flax_sam_reference(batches, STEPS)
+    start, _ = _flax_sam_reference(batches, 0)
+    assert count == STEPS
+    for case in ("flax_sam", "flax_async_sam"):
+        got = [_read(out, case, rank) for rank in range(PROCESSES)]
+        for rank in range(PROCESSES):
+            assert f"{case} dropout count: {STEPS}" in outputs[rank]
+            for x, y in zip(got[rank], got[0], strict=True):
+                np.testing.assert_array_equal(x, y, err_msg=case)
+        if case == "flax_sam":
+            for x, y in zip(got[0], expected, strict=True):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+        assert all(np.isfinite(x).all() for x in got[0])
+        moved = [np.abs(x - y).max() for x, y in zip(got[0], start, strict=True)]
+        assert max(moved) > 1e-3, case
+
+
+def test_async_sam_with_batch_norm_differs_from_one_process(equality_run):
+    # docs/multihost.md: with BatchNorm, each process's ascent normalises with
+    # its own local batch's statistics. The run is the same on both processes
+    # and equals the one-process AsyncSAM whose ascent gradient is the mean of
+    # the gradients on each process's half of the batch, not the one-process
+    # AsyncSAM on the whole batch (b' = b).
+    out, _, (params, _, batches) = equality_run
+    got = [_read(out, "async_sam_batchnorm", rank) for rank in range(PROCESSES)]
+    for x, y in zip(*got, strict=True):
+        np.testing.assert_array_equal(x, y)
+    loss = lambda p, b: batch_norm_loss(p, np.float32(0), b)[0]  # noqa: E731
+    grad, local = jax.grad(loss), BATCH // PROCESSES
+
+    def per_process(p, batch):  # the mean of the halves' gradients
+        halves = jax.tree.map(lambda x: x.reshape(PROCESSES, local, -1), batch)
+        grads = jax.vmap(grad, in_axes=(None, 0))(p, halves)
+        return jax.tree.map(lambda g: g.mean(0), grads)
+
+    common = dict(rho=0.05, ascent=BATCH, pairing="paired")
+    sgd = optax.sgd(0.1, momentum=0.9)
+    split = async_sam_reference(
+        sgd, params, loss, batches, ascent_grad=per_process, **common
+    )[-1]
+    whole = async_sam_reference(sgd, params, loss, batches, **common)[-1]
+    for x, y in zip(got[0], jax.tree.leaves(split), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    gap = max(
+        np.abs(x - y).max() for x, y in zip(got[0], jax.tree.leaves(whole), strict=True)
+    )
+    assert gap > 1e-4, gap
 
 
 # --- fault tolerance: SIGKILL one worker, resume both from the checkpoint ----------
