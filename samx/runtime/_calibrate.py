@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from samx import _checks
 from samx._plan import ascent_subset, check_batch
 from samx.runtime import _devices, _processes
-from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
+from samx.runtime._common import check_batch_divides, check_mesh, value_and_grad
 
 _FN = "samx.runtime.calibrate_ascent_batch"
 

@@ -20,8 +20,8 @@ from samx import _checks, _plan
 from samx._perturb import f32_global_norm
 from samx._plan import evaluation_plan
 from samx.runtime import _watch
+from samx.runtime._common import check_batch_divides, check_mesh, value_and_grad
 from samx.runtime._processes import agree_batch_size, put_batch
-from samx.runtime._trainer import check_batch_divides, check_mesh, value_and_grad
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
