@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -137,10 +136,9 @@ def _agree(chosen: int, hides: bool) -> tuple[int, bool]:
     ascent), and whether it hides on every process."""
     if jax.process_count() == 1:
         return chosen, hides
-    from jax.experimental import multihost_utils
-
-    every = np.asarray(multihost_utils.process_allgather(np.int32([chosen, hides])))
-    every = every.reshape(-1, 2)
+    # A host synchronisation with every process, once per calibration (a
+    # one-off measurement before training, which blocks the host anyway).
+    every = _processes.allgather([chosen, hides])
     return int(every[:, 0].min()), bool(every[:, 1].all())
 
 
@@ -319,9 +317,5 @@ def calibrate_ascent_batch(
 def _on_mesh(params: Any, model_state: Any, batch: Any, mesh: Mesh, axis: str):
     """``(params, model_state, batch)`` as a Trainer on ``mesh`` places them:
     the state replicated, the batch (this process's part) split on ``axis``."""
-    state = NamedSharding(mesh, P())
-    if mesh.is_multi_process:
-        placed = _processes.replicate((params, model_state), state)
-    else:
-        placed = jax.device_put((params, model_state), state)
+    placed = _processes.replicate((params, model_state), NamedSharding(mesh, P()))
     return (*placed, _processes.put_batch(_FN, batch, NamedSharding(mesh, P(axis))))

@@ -45,13 +45,7 @@ def agree_batch_size(fn: str, size: int) -> None:
     against the first. With unequal parts, ``make_array_from_process_local_data``
     builds a different global array in each process.
     """
-    from jax.experimental import multihost_utils
-
-    # One small all-gather, deliberate and once per run: allowed under any
-    # `jax.transfer_guard` the caller's loop runs in.
-    with jax.transfer_guard("allow"):
-        sizes = np.asarray(multihost_utils.process_allgather(np.int32(size)))
-    sizes = [int(x) for x in sizes.reshape(-1)]
+    sizes = [int(x) for x in allgather([size])[:, 0]]
     if len(set(sizes)) > 1:
         each = ", ".join(f"process {r}: {k}" for r, k in enumerate(sizes))
         raise ValueError(
@@ -62,16 +56,36 @@ def agree_batch_size(fn: str, size: int) -> None:
         )
 
 
-def replicate(tree: Any, sharding: NamedSharding) -> Any:
-    """``tree`` replicated on ``sharding``, whose mesh spans several processes.
+def allgather(values: Any) -> np.ndarray:
+    """Each process's ``values`` (a few int32s), one row per process.
 
-    Each process passes the same values, on the host or on its own devices
+    A collective and a host synchronisation: every process calls it, and it
+    waits for all of them. Run only once per run or per calibration, before
+    training (the first step's batch-size agreement, the calibrated b'), never
+    inside a step. A deliberate transfer, so allowed under any
+    ``jax.transfer_guard`` the caller's loop runs in.
+    """
+    from jax.experimental import multihost_utils
+
+    row = np.asarray(values, np.int32).reshape(-1)
+    with jax.transfer_guard("allow"):
+        rows = multihost_utils.process_allgather(row)
+    return np.asarray(rows).reshape(-1, row.size)
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree`` replicated on ``sharding``: a copy of every leaf.
+
+    On one process, ``jax.device_put``. On a mesh that spans several
+    processes each process passes the same values, on the host or on its own devices
     (committed to one, or RNG key arrays: ``jax.device_put`` onto a mesh over
     several processes takes neither). Each leaf is copied to this process's
     devices of the mesh and assembled into a global array; a leaf already on
     the mesh, and a tracer (``jax.eval_shape``), go through
     ``jax.device_put``. Every leaf is a copy (never an alias of the input).
     """
+    if not sharding.mesh.is_multi_process:
+        return jax.device_put(tree, sharding, may_alias=False)
     # In the mesh's order: JAX assembles a key array from its pieces in the
     # order given (other arrays by their devices).
     me = jax.process_index()
